@@ -1,0 +1,363 @@
+"""Phi-3-V: transformers' Phi-3 decoder with the image embedding of ``image_embedding.py`` in front.
+
+The decoder (embedding, 32 Phi-3 layers with fused ``qkv_proj`` / ``gate_up_proj``, RMSNorm, longrope "su"
+rotary embedding) is transformers' own ``Phi3Model``; this file adds only what Phi-3-V adds:
+
+* ``model.vision_embed_tokens`` (the image side) and the scatter of its features into the image-token positions;
+* a causal-LM head that is untied from the embedding, computes the loss only at supervised positions, and
+  re-runs the prompt when generation crosses the short/long rope switch (as the official code does).
+
+Image positions in ``input_ids`` are either the official processor's negative ids (-1, -2, ... for image k; the
+value is never used to pick the image, only their order matters) or ``config.image_token_id``. Features fill those
+positions in row-major order over the batch, so images must be given in the order their placeholders appear.
+
+Weights load from and save to the official checkpoint layout; see ``weights.py``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.models.clip.modeling_clip import CLIPVisionEmbeddings
+from transformers.models.phi3.modeling_phi3 import Phi3Model, Phi3RotaryEmbedding
+
+from phi3v.model.configuration import Phi3VConfig
+from phi3v.model.image_embedding import Phi3ImageEmbedding
+
+IGNORE_INDEX = -100
+
+
+class Phi3VPreTrainedModel(PreTrainedModel):
+    """Shared settings and weight initialisation of the Phi-3-V models."""
+
+    config_class = Phi3VConfig
+    config: Phi3VConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Phi3DecoderLayer", "CLIPEncoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False  # the image scatter depends on data-dependent counts
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, CLIPVisionEmbeddings):
+            nn.init.normal_(module.class_embedding, std=module.embed_dim**-0.5)
+            module.position_ids.copy_(torch.arange(module.num_positions).expand(1, -1))
+        elif isinstance(module, Phi3ImageEmbedding):
+            # The official module zero-initialises its separators.
+            nn.init.zeros_(module.glb_GN)
+            nn.init.zeros_(module.sub_GN)
+
+    def reset_buffers(self) -> None:
+        """Recompute the non-persistent buffers (rotary frequencies, CLIP position ids).
+
+        Needed after building on the meta device, since buffers are not in any checkpoint.
+        """
+        for module in self.modules():
+            if isinstance(module, Phi3RotaryEmbedding):
+                device = module.inv_freq.device
+                fresh = Phi3RotaryEmbedding(module.config)  # computed on CPU in float32
+                module.inv_freq = fresh.inv_freq.to(device)
+                module.original_inv_freq = fresh.original_inv_freq.to(device)
+                if hasattr(module, "long_inv_freq"):
+                    del module.long_inv_freq
+            elif isinstance(module, CLIPVisionEmbeddings):
+                device = module.position_ids.device
+                module.position_ids = torch.arange(module.num_positions, device=device).expand(1, -1)
+
+    def enable_activation_checkpointing(self) -> None:
+        """Non-reentrant activation checkpointing over every decoder and CLIP layer.
+
+        Non-reentrant is required: with reentrant checkpointing and frozen inputs (frozen vision, LoRA), layers
+        silently get no gradient.
+        """
+        kwargs = {"use_reentrant": False}
+        if hasattr(self, "activation_checkpointing_enable"):
+            self.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:  # transformers without the new name
+            self.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
+    """Phi-3 decoder whose input embeddings carry image features at the image-token positions."""
+
+    def __init__(self, config: Phi3VConfig):
+        Phi3Model.__init__(self, config)
+        self.embed_dropout = nn.Dropout(config.embd_pdrop)
+        self.vision_embed_tokens = Phi3ImageEmbedding(config)
+        self.post_init()
+
+    def image_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``True`` where ``input_ids`` holds an image placeholder (negative or ``image_token_id``)."""
+        return (input_ids < 0) | (input_ids == self.config.image_token_id)
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings with image features scattered into the image positions.
+
+        Args:
+            input_ids: ``[B, L]``, image positions negative or ``config.image_token_id``. Never modified.
+            pixel_values: ``[n, C+1, 3, S, S]`` for the ``n`` images, in placeholder order.
+            image_sizes: ``[n, 2]`` padded HD sizes.
+
+        Returns:
+            ``[B, L, E]`` input embeddings.
+
+        Raises:
+            ValueError: if the number of image positions differs from the number of image features.
+        """
+        image_mask = self.image_token_mask(input_ids)
+        # Placeholders are embedded as token 0 and then overwritten, so that row gets no gradient from them.
+        embeds = self.embed_tokens(input_ids.masked_fill(image_mask, 0))  # [B, L, E]
+        n_positions = int(image_mask.sum())
+        if pixel_values is None:
+            if n_positions:
+                raise ValueError(f"input_ids hold {n_positions} image-token positions but no pixel_values were given")
+        else:
+            if image_sizes is None:
+                raise ValueError("pixel_values were given without image_sizes")
+            features = self.vision_embed_tokens(pixel_values, image_sizes)  # [T, E]
+            if n_positions != features.shape[0]:
+                per_image = self.vision_embed_tokens.num_tokens(image_sizes, pixel_values.shape[1])
+                raise ValueError(
+                    f"input_ids hold {n_positions} image-token positions but the {len(per_image)} image(s) give "
+                    f"{features.shape[0]} image features (per image: {per_image}); the prompt must be built with "
+                    "the same num_crops as pixel_values"
+                )
+            embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), features.to(embeds.dtype))
+        return self.embed_dropout(embeds)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPast:
+        """Phi-3 decoder forward; ``input_ids`` plus images become ``inputs_embeds`` first.
+
+        Other keyword arguments (``attention_mask``, ``position_ids``, ``past_key_values``, ``use_cache``) are
+        those of transformers' ``Phi3Model``.
+        """
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("pass input_ids or inputs_embeds")
+            inputs_embeds = self.embed(input_ids, pixel_values, image_sizes)
+        elif pixel_values is not None:
+            raise ValueError("pixel_values cannot be combined with inputs_embeds; embed the images with embed()")
+        return Phi3Model.forward(self, inputs_embeds=inputs_embeds, **kwargs)
+
+
+class Phi3VForCausalLM(Phi3VPreTrainedModel, GenerationMixin):
+    """Phi-3.5-vision / Phi-3-vision for causal language modelling and generation.
+
+    Example:
+        >>> from phi3v import Phi3VForCausalLM, build_model
+        >>> model = build_model("tiny")
+        >>> model.save_pretrained("tiny-phi3v")
+        >>> model = Phi3VForCausalLM.from_pretrained("tiny-phi3v")
+    """
+
+    _tied_weights_keys: dict[str, str] = {}
+
+    def __init__(self, config: Phi3VConfig):
+        super().__init__(config)
+        self.model = Phi3VModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # Official checkpoint tensors that phi3v does not compute with (CLIP's last layer, post_layernorm),
+        # kept from loading so that saving writes the complete official key set.
+        self.unused_official_weights: dict[str, torch.Tensor] = {}
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Any = None,
+        inputs_embeds: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        """Forward pass.
+
+        Args:
+            input_ids: ``[B, L]`` token ids; image positions negative or ``config.image_token_id``.
+            attention_mask: ``[B, L]``, 1 for real tokens, 0 for padding.
+            position_ids: ``[B, L]``; defaults to ``0..L-1`` after the cached length.
+            past_key_values: KV cache for generation.
+            inputs_embeds: ``[B, L, E]`` instead of ``input_ids``.
+            pixel_values: ``[n, C+1, 3, S, S]`` HD crops of the images, in placeholder order.
+            image_sizes: ``[n, 2]`` padded HD sizes in pixels.
+            labels: ``[B, L]`` targets, ``-100`` where no loss is taken; shifted inside (label ``t+1`` is the
+                target of position ``t``).
+            use_cache: Return a KV cache.
+            logits_to_keep: Without labels, compute logits for the last ``logits_to_keep`` positions only
+                (0 = all).
+            num_items_in_batch: Divide the summed loss by this count instead of this batch's supervised tokens,
+                so that gradient accumulation weights every token equally.
+
+        Returns:
+            ``loss`` (with labels; mean cross-entropy over supervised tokens) and ``logits`` ``[B, L', V]``
+            (float32; ``None`` with labels, since the head then runs only at supervised positions).
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            image_sizes=image_sizes,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden = outputs.last_hidden_state  # [B, L, E]
+        loss = logits = None
+        if labels is not None:
+            loss_sum, n_tokens = supervised_loss(hidden, labels, self.lm_head)
+            loss = loss_sum / (num_items_in_batch if num_items_in_batch is not None else n_tokens)
+        else:
+            if logits_to_keep:
+                hidden = hidden[:, -logits_to_keep:]
+            logits = self.lm_head(hidden).float()
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        past_key_values: Any = None,
+        is_first_iteration: bool | None = False,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        # Phi-3's rope switches from short to long factors once the sequence passes the original context; the
+        # cached keys were rotated with short factors, so the official code drops the cache and re-runs the whole
+        # sequence (images included) the first time that happens.
+        limit = self.config.original_max_position_embeddings
+        if (
+            past_key_values is not None
+            and input_ids.shape[1] > limit
+            and past_key_values.get_seq_length() <= limit
+            and past_key_values.get_seq_length() > 0
+        ):
+            past_key_values = None
+            kwargs["next_sequence_length"] = None
+            is_first_iteration = True
+        return super().prepare_inputs_for_generation(
+            input_ids, past_key_values=past_key_values, is_first_iteration=is_first_iteration, **kwargs
+        )
+
+    # ---- official checkpoint format -----------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *,
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str | None = None,
+        attn_implementation: str = "sdpa",
+        revision: str | None = None,
+        **unsupported: Any,
+    ) -> Phi3VForCausalLM:
+        """Load an official or phi3v checkpoint directory (safetensors only, no remote code).
+
+        Args:
+            pretrained_model_name_or_path: A local directory, or a hub id (downloaded without any ``.py`` or
+                pickle file where a network exists).
+            dtype: Parameter dtype; default the checkpoint's ``torch_dtype``.
+            device: Where the weights go (default CPU).
+            attn_implementation: ``"sdpa"`` (default), ``"flash_attention_2"`` or ``"eager"``.
+            revision: Hub revision, for hub ids.
+
+        Raises:
+            ValueError: on missing, unexpected or mis-shaped tensors, naming them.
+        """
+        from phi3v.model.weights import load_pretrained
+
+        if unsupported:
+            raise TypeError(f"Phi3VForCausalLM.from_pretrained got unsupported arguments: {sorted(unsupported)}")
+        return load_pretrained(
+            cls,
+            pretrained_model_name_or_path,
+            dtype=dtype,
+            device=device,
+            attn_implementation=attn_implementation,
+            revision=revision,
+        )
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        max_shard_size: int | str = "5GB",
+        **unsupported: Any,
+    ) -> None:
+        """Write official-format safetensors shards, the index, ``config.json`` and ``generation_config.json``.
+
+        Args:
+            save_directory: Target directory (created if missing).
+            state_dict: Weights to write instead of ``self.state_dict()`` (e.g. gathered from a sharded engine).
+            max_shard_size: Largest shard, bytes or a string such as ``"5GB"``.
+        """
+        from phi3v.model.weights import save_pretrained
+
+        if unsupported:
+            raise TypeError(f"Phi3VForCausalLM.save_pretrained got unsupported arguments: {sorted(unsupported)}")
+        save_pretrained(self, save_directory, state_dict=state_dict, max_shard_size=max_shard_size)
+
+
+def supervised_loss(
+    hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy, with the LM head run only where a target exists.
+
+    Equal to the full-vocabulary loss over all positions (masked by ``-100``) but skips the head's matmul and
+    the ``[B, L, V]`` logits for unsupervised positions, which are almost all of a vision sample.
+
+    Args:
+        hidden: ``[B, L, E]`` final hidden states.
+        labels: ``[B, L]`` unshifted targets, ``-100`` where ignored.
+        lm_head: The output projection.
+
+    Returns:
+        ``(loss_sum, n_tokens)``: float32 scalar sum and the number of supervised tokens.
+    """
+    targets = labels[:, 1:]  # [B, L-1]: position t predicts token t+1
+    supervised = targets != IGNORE_INDEX
+    picked = hidden[:, :-1][supervised]  # [N, E]
+    logits = lm_head(picked).float()  # [N, V]
+    loss_sum = F.cross_entropy(logits, targets[supervised], reduction="sum")
+    return loss_sum, supervised.sum()
