@@ -72,3 +72,29 @@ def test_default_vision_tower_is_clip_l14_336():
 def test_unsupported_configs_raise(change, message):
     with pytest.raises(ValueError, match=message):
         Phi3VConfig(**change)
+
+
+@pytest.mark.parametrize("name", ["phi-3.5-vision", "phi-3-vision"])
+def test_reads_the_official_config_json_file(tmp_path, name):
+    """The hub file as shipped: auto_map, torch_dtype and a flash-attention request included."""
+    from importlib import resources
+
+    data = json.loads(resources.files("phi3v.model").joinpath("official_configs", f"{name}.json").read_text())
+    data |= {
+        "auto_map": {"AutoConfig": "configuration_phi3_v.Phi3VConfig"},
+        "_attn_implementation": "flash_attention_2",
+    }
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    config = Phi3VConfig.from_json_file(tmp_path / "config.json")
+    assert config.rope_parameters["short_factor"] == data["rope_scaling"]["short_factor"]
+    assert config.sliding_window == data["sliding_window"] and config.eos_token_id == 2
+    written = config.to_official_dict()
+    for key in ("embd_layer", "img_processor", "rope_theta", "vocab_size", "sliding_window", "torch_dtype"):
+        assert written[key] == data[key], key
+    assert written["rope_scaling"] == data["rope_scaling"]
+
+
+def test_a_config_of_another_model_type_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "phi3"}))
+    with pytest.raises(ValueError, match="model_type is 'phi3', expected 'phi3_v'"):
+        Phi3VConfig.from_json_file(tmp_path / "config.json")

@@ -23,9 +23,13 @@ import json
 import os
 from typing import Any
 
+import torch
+import transformers
 from huggingface_hub.dataclasses import strict
 from transformers import CLIPVisionConfig, Phi3Config
 from transformers.configuration_utils import SubConfigSpec
+
+from phi3v.utils import atomic_write_text
 
 # CLIP ViT-L/14-336 exactly as the official modeling code hard-codes it (spec §2.2).
 CLIP_VIT_L14_336 = {
@@ -193,11 +197,14 @@ class Phi3VConfig(Phi3Config):
 
     # ---- official config.json --------------------------------------------------------------------------------
 
-    def to_official_dict(self) -> dict[str, Any]:
+    def to_official_dict(self, dtype: torch.dtype | None = None) -> dict[str, Any]:
         """The ``config.json`` content in the official layout, loadable by the official code and by vLLM.
 
         Rope parameters go back to the old ``rope_scaling`` form with type ``su``, which the official config
         class validates; ``auto_map`` points at the official code on the hub.
+
+        Args:
+            dtype: The dtype of the weights written beside it (``torch_dtype``); default ``self.dtype``.
         """
         rope = self.rope_parameters or {}
         out: dict[str, Any] = {
@@ -215,27 +222,25 @@ class Phi3VConfig(Phi3Config):
                 "short_factor": list(rope["short_factor"]),
                 "type": "su",
             }
-        dtype = self.dtype
-        values = {
-            **{name: getattr(self, name, None) for name in _OFFICIAL_FIELDS},
+        dtype = dtype or self.dtype
+        derived = {
             "model_type": self.model_type,
             "rope_scaling": rope_scaling,
             "rope_theta": rope.get("rope_theta", 10000.0),
             "torch_dtype": str(dtype).removeprefix("torch.") if dtype is not None else "bfloat16",
-            "transformers_version": "4.38.1",
+            "transformers_version": transformers.__version__,
         }
-        out.update({name: copy.deepcopy(values[name]) for name in _OFFICIAL_FIELDS})
+        for name in _OFFICIAL_FIELDS:
+            out[name] = copy.deepcopy(derived[name] if name in derived else getattr(self, name))
         vision = self.vision_config.to_dict()
         if any(vision.get(k) != v for k, v in CLIP_VIT_L14_336.items()):
             out["vision_config"] = {k: vision[k] for k in ("model_type", *CLIP_VIT_L14_336)}
         out["image_token_id"] = self.image_token_id
         return out
 
-    def save_official(self, directory: str | os.PathLike) -> None:
-        """Write ``config.json`` in the official layout (atomically)."""
-        from phi3v.utils import atomic_write_text
-
-        text = json.dumps(self.to_official_dict(), indent=2, sort_keys=False) + "\n"
+    def save_official(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
+        """Write ``config.json`` in the official layout (atomically); ``dtype`` as for ``to_official_dict``."""
+        text = json.dumps(self.to_official_dict(dtype), indent=2) + "\n"
         atomic_write_text(os.path.join(directory, "config.json"), text)
 
     @classmethod

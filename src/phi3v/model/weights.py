@@ -232,5 +232,6 @@ def save_pretrained(
         if stale.name not in names:
             stale.unlink()
 
-    model.config.save_official(directory)
+    float_dtypes = [t.dtype for t in tensors.values() if t.is_floating_point()]
+    model.config.save_official(directory, dtype=max(set(float_dtypes), key=float_dtypes.count))
     atomic_write_text(directory / "generation_config.json", model.generation_config.to_json_string())
