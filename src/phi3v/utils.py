@@ -7,6 +7,31 @@ import tempfile
 from collections.abc import Callable
 
 
+def stage_file(folder: str | os.PathLike, write: Callable[[str], None]) -> str:
+    """Write a new file under a temporary name in ``folder`` and flush it to disk.
+
+    Args:
+        folder: Where the file will live (the final rename must stay on one filesystem).
+        write: Called with the temporary path; it must write the whole file there.
+
+    Returns:
+        The temporary path, for the caller to ``os.replace`` into place.
+    """
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Create ``path`` through a temporary file in the same folder, so readers never see a partial file.
 
@@ -15,24 +40,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         write: Called with the temporary path; it must write the whole file there.
     """
     path = os.fspath(path)
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    os.replace(stage_file(os.path.dirname(path) or ".", write), path)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -43,3 +51,12 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             f.write(text)
 
     atomic_write(path, write)
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # read once at import: changing the umask is not thread-safe

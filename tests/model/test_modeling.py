@@ -26,6 +26,7 @@ def test_forward_backward_reaches_every_parameter(tiny):
     ids, pixel_values, image_sizes = _sample(tiny)
     out = tiny(input_ids=ids, pixel_values=pixel_values, image_sizes=image_sizes, labels=_labels(ids))
     assert torch.isfinite(out.loss) and out.logits is None
+    assert out.past_key_values is None  # no KV cache is built for a training step
     out.loss.backward()
     no_grad = [n for n, p in tiny.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     # Separators start at zero like the official init but still get gradients; only nothing may be left out.
@@ -63,6 +64,8 @@ def test_placeholder_count_mismatch_raises_with_both_counts(tiny):
         tiny(input_ids=one_short, pixel_values=pixel_values, image_sizes=image_sizes)
     with pytest.raises(ValueError, match=r"hold \d+ image-token positions but no pixel_values"):
         tiny(input_ids=ids)
+    with pytest.raises(ValueError, match=r"pixel_values has shape \(5, 3, 56, 56\); expected \[images, num_crops"):
+        tiny(input_ids=ids, pixel_values=pixel_values[0], image_sizes=image_sizes)
 
 
 def test_padded_crop_slots_do_not_change_the_output(tiny):
@@ -134,17 +137,42 @@ def test_generation_across_the_rope_switch_matches_uncached():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=f"step {step}")
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_attention_implementations_agree(attn):
-    model = build_model("tiny", attn_implementation=attn)
-    reference = build_model("tiny", attn_implementation="eager")
-    ids, pixel_values, image_sizes = _sample(model)
-    torch.testing.assert_close(
-        model(input_ids=ids, pixel_values=pixel_values, image_sizes=image_sizes).logits,
-        reference(input_ids=ids, pixel_values=pixel_values, image_sizes=image_sizes).logits,
-    )
-    clip_attention = model.model.vision_embed_tokens.img_processor.vision_model.encoder.layers[0].self_attn
-    assert clip_attention.config._attn_implementation == attn
+def test_sdpa_equals_eager_with_padding():
+    sdpa, eager = build_model("tiny", attn_implementation="sdpa"), build_model("tiny", attn_implementation="eager")
+    ids, pixel_values, image_sizes = _sample(sdpa)
+    padded = torch.cat([torch.full((1, 5), sdpa.config.pad_token_id), ids], dim=1)
+    mask = torch.cat([torch.zeros(1, 5, dtype=torch.long), torch.ones_like(ids)], dim=1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    inputs = dict(input_ids=padded, attention_mask=mask, position_ids=positions, pixel_values=pixel_values,
+                  image_sizes=image_sizes)  # fmt: skip
+    want = eager(**inputs).logits[:, 5:]
+    torch.testing.assert_close(sdpa(**inputs).logits[:, 5:], want)
+    torch.testing.assert_close(sdpa(input_ids=ids, pixel_values=pixel_values, image_sizes=image_sizes).logits, want)
+    clip_attention = sdpa.model.vision_embed_tokens.img_processor.vision_model.encoder.layers[0].self_attn
+    assert clip_attention.config._attn_implementation == "sdpa"
+
+
+def test_su_rope_matches_the_spec_formula():
+    """cos/sin from spec §2.5 written out: inv_freq_i = 1 / (factor_i * theta^(2i/d)), both scaled by
+    sqrt(1 + ln(max/orig) / ln(orig)), short factors up to `orig` positions, long factors past it. A small `orig`
+    keeps the angles small enough for a float64 reference to be exact."""
+    import math
+
+    data = preset_config("tiny").to_official_dict()
+    data.update(original_max_position_embeddings=16, max_position_embeddings=512)
+    config = Phi3VConfig.from_official_dict(data)
+    rope = build_model(config).model.rotary_emb
+    d = config.hidden_size // config.num_attention_heads
+    scale = math.sqrt(1 + math.log(512 / 16) / math.log(16))
+    x = torch.zeros(1, 1, d)
+    for positions, factors in [(torch.arange(0, 16), "short_factor"), (torch.arange(0, 17), "long_factor")]:
+        factor = torch.tensor(config.rope_parameters[factors], dtype=torch.float64)
+        inv_freq = 1 / (factor * 10000.0 ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+        angles = positions[:, None].double() * inv_freq
+        angles = torch.cat([angles, angles], dim=-1)
+        cos, sin = rope(x, positions[None])
+        torch.testing.assert_close(cos[0].double(), angles.cos() * scale, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(sin[0].double(), angles.sin() * scale, rtol=1e-6, atol=1e-6)
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
@@ -153,7 +181,8 @@ def test_activation_checkpointing_gives_the_same_gradients():
         model = build_model("tiny").train()
         if checkpointed:
             model.enable_activation_checkpointing()
-            assert all(layer.gradient_checkpointing for layer in model.model.layers)
+            clip_layers = model.model.vision_embed_tokens.img_processor.vision_model.encoder.layers
+            assert all(layer.gradient_checkpointing for layer in [*model.model.layers, *clip_layers])
         ids, pixel_values, image_sizes = _sample(model)
         model(input_ids=ids, pixel_values=pixel_values, image_sizes=image_sizes, labels=_labels(ids)).loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
@@ -196,14 +225,16 @@ def test_batched_left_padded_generation_equals_one_by_one(tiny):
         (prompt_ids(tiny, [[1, 20, 21], first_grids[0], [30, 31, 32, 33, 34, 35]]), first_grids, 0),
         (prompt_ids(tiny, [[1, 40], second_grids[0], [41], second_grids[1], [42, 43]]), second_grids, 1),
     ]
-    kwargs = dict(max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=pad)
-    singles, pixels, sizes = [], [], []
+    kwargs = dict(max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=pad, output_logits=True,
+                  return_dict_in_generate=True)  # fmt: skip
+    singles, single_logits, pixels, sizes = [], [], [], []
     for ids, grids, seed in prompts:
         pixel_values, image_sizes = image_batch(tiny, grids, seed=seed)
         pixels.append(pixel_values)
         sizes.append(image_sizes)
         out = tiny.generate(input_ids=ids[None], pixel_values=pixel_values, image_sizes=image_sizes, **kwargs)
-        singles.append(out[0, len(ids) :])
+        singles.append(out.sequences[0, len(ids) :])
+        single_logits.append(torch.cat(out.logits))
     width = max(len(ids) for ids, _, _ in prompts)
     batch = torch.full((2, width), pad)
     mask = torch.zeros(2, width, dtype=torch.long)
@@ -214,4 +245,6 @@ def test_batched_left_padded_generation_equals_one_by_one(tiny):
         input_ids=batch, attention_mask=mask, pixel_values=torch.cat(pixels), image_sizes=torch.cat(sizes), **kwargs
     )
     for row in range(2):
-        assert torch.equal(out[row, width:], singles[row])
+        assert torch.equal(out.sequences[row, width:], singles[row])
+        # logits too: wrong position ids under left padding would shift them without changing the argmax
+        torch.testing.assert_close(torch.stack([step[row] for step in out.logits]), single_logits[row])

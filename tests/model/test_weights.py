@@ -153,3 +153,53 @@ def test_pickled_weights_are_refused(tiny, tmp_path):
 def test_missing_directory_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         Phi3VForCausalLM.from_pretrained(tmp_path / "nope")
+
+
+def test_recomputed_buffers_in_a_checkpoint_are_ignored(tiny, tmp_path):
+    state = dict(tiny.state_dict())
+    state["model.rotary_emb.inv_freq"] = torch.zeros(8)
+    state[V + "embeddings.position_ids"] = torch.zeros(1, 17, dtype=torch.long)
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "model.safetensors")
+    tiny.config.save_official(tmp_path)
+    loaded = Phi3VForCausalLM.from_pretrained(tmp_path)
+    torch.testing.assert_close(loaded.model.rotary_emb.inv_freq, tiny.model.rotary_emb.inv_freq)
+    assert loaded.model.vision_embed_tokens.img_processor.vision_model.embeddings.position_ids[0, -1] == 16
+
+
+def test_unused_official_tensors_follow_the_dtype(tiny, tmp_path):
+    _official_layout(tiny, tmp_path / "official")
+    loaded = Phi3VForCausalLM.from_pretrained(tmp_path / "official", dtype=torch.bfloat16)
+    loaded.save_pretrained(tmp_path / "out")
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}  # noqa: SIM118
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def test_a_save_that_fails_midway_leaves_the_old_checkpoint(tiny, tmp_path, monkeypatch):
+    import phi3v.model.weights as weights
+
+    tiny.save_pretrained(tmp_path, max_shard_size=100_000)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    other = build_model("tiny", seed=1)
+    calls = []
+
+    def failing_save(shard, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        save_file(shard, path, metadata=metadata)
+
+    monkeypatch.setattr(weights, "save_file", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        other.save_pretrained(tmp_path, max_shard_size=100_000)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no temporary file left behind
+    reloaded = Phi3VForCausalLM.from_pretrained(tmp_path)
+    for key, value in tiny.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[key], value), key
+
+
+def test_save_arguments_of_distributed_callers(tiny, tmp_path):
+    tiny.save_pretrained(tmp_path / "skipped", is_main_process=False)
+    assert not (tmp_path / "skipped").exists()
+    with pytest.raises(ValueError, match="safetensors only"):
+        tiny.save_pretrained(tmp_path / "pickle", safe_serialization=False)

@@ -118,7 +118,7 @@ class Phi3VConfig(Phi3Config):
         "vision_config": SubConfigSpec(config_class=CLIPVisionConfig, init_kwargs=CLIP_VIT_L14_336),
     }
 
-    embd_layer: dict | None = None
+    embd_layer: dict | str | None = None
     img_processor: dict | None = None
     vision_config: dict | CLIPVisionConfig | None = None
     image_token_id: int = 32044
@@ -133,6 +133,8 @@ class Phi3VConfig(Phi3Config):
         # The hub config asks for flash_attention_2; phi3v chooses the attention itself (SDPA by default).
         kwargs.pop("_attn_implementation", None)
         kwargs.pop("auto_map", None)
+        if isinstance(self.embd_layer, str):  # the official class's default, "default", means no image side
+            raise ValueError(f"embd_layer={self.embd_layer!r}: phi3v supports Phi-3-V models with the image embedding")
         self.embd_layer = {**DEFAULT_EMBD_LAYER, **(self.embd_layer or {})}
         self.img_processor = {**DEFAULT_IMG_PROCESSOR, **(self.img_processor or {})}
         super().__post_init__(**kwargs)

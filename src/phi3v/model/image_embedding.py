@@ -163,6 +163,12 @@ class Phi3ImageEmbedding(nn.Module):
             ``[T, 4D]`` with ``T = sum_i num_image_tokens(h_i, w_i)``; per image: sub-image tokens with row
             separators, ``glb_GN``, global-view tokens with row separators.
         """
+        if pixel_values.ndim != 5:
+            raise ValueError(
+                f"pixel_values has shape {tuple(pixel_values.shape)}; expected [images, num_crops + 1, 3, "
+                f"{self.crop_size}, {self.crop_size}] as the processor returns it"
+            )
+        image_sizes = torch.as_tensor(image_sizes)
         n, slots = pixel_values.shape[:2]
         if image_sizes.shape != (n, 2):
             raise ValueError(f"image_sizes has shape {tuple(image_sizes.shape)}, expected ({n}, 2) for {n} images")

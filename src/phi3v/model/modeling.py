@@ -232,6 +232,8 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, GenerationMixin):
             ``loss`` (with labels; mean cross-entropy over supervised tokens) and ``logits`` ``[B, L', V]``
             (float32; ``None`` with labels, since the head then runs only at supervised positions).
         """
+        if use_cache is None:  # a KV cache is only worth building to generate
+            use_cache = labels is None and not self.training
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -323,6 +325,8 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, GenerationMixin):
         *,
         state_dict: dict[str, torch.Tensor] | None = None,
         max_shard_size: int | str = "5GB",
+        is_main_process: bool = True,
+        safe_serialization: bool = True,
         **unsupported: Any,
     ) -> None:
         """Write official-format safetensors shards, the index, ``config.json`` and ``generation_config.json``.
@@ -331,12 +335,17 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, GenerationMixin):
             save_directory: Target directory (created if missing).
             state_dict: Weights to write instead of ``self.state_dict()`` (e.g. gathered from a sharded engine).
             max_shard_size: Largest shard, bytes or a string such as ``"5GB"``.
+            is_main_process: Only the main process writes (the argument distributed callers pass).
+            safe_serialization: Must stay ``True``: phi3v writes safetensors only.
         """
         from phi3v.model.weights import save_pretrained
 
+        if not safe_serialization:
+            raise ValueError("phi3v writes safetensors only; safe_serialization=False is not supported")
         if unsupported:
             raise TypeError(f"Phi3VForCausalLM.save_pretrained got unsupported arguments: {sorted(unsupported)}")
-        save_pretrained(self, save_directory, state_dict=state_dict, max_shard_size=max_shard_size)
+        if is_main_process:
+            save_pretrained(self, save_directory, state_dict=state_dict, max_shard_size=max_shard_size)
 
 
 def supervised_loss(

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from transformers import GenerationConfig
 
 from phi3v.model.configuration import Phi3VConfig
-from phi3v.utils import atomic_write, atomic_write_text
+from phi3v.utils import atomic_write_text, stage_file
 
 if TYPE_CHECKING:
     from phi3v.model.modeling import Phi3VForCausalLM
@@ -55,7 +55,7 @@ def _is_unused_official(key: str, layers_built: int) -> bool:
 
 def resolve_checkpoint(path_or_id: str | os.PathLike, revision: str | None = None) -> Path:
     """A local checkpoint directory, downloading a hub id (safetensors and json only) where needed."""
-    path = Path(path_or_id)
+    path = Path(path_or_id).expanduser()
     if path.is_dir():
         return path
     if path.exists():
@@ -65,7 +65,12 @@ def resolve_checkpoint(path_or_id: str | os.PathLike, revision: str | None = Non
         raise FileNotFoundError(f"checkpoint directory {text} does not exist")
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(text, revision=revision, allow_patterns=HUB_ALLOW_PATTERNS))
+    try:
+        return Path(snapshot_download(text, revision=revision, allow_patterns=HUB_ALLOW_PATTERNS))
+    except Exception as err:  # offline, unknown repo, ...: say both things we tried
+        raise FileNotFoundError(
+            f"{text} is neither a local directory nor a hub repository that could be downloaded ({err})"
+        ) from err
 
 
 def _weight_files(directory: Path) -> list[Path]:
@@ -128,7 +133,7 @@ def load_pretrained(
         elif _RECOMPUTED_BUFFERS.search(key):
             continue
         elif _is_unused_official(key, layers_built):
-            unused[key] = tensor
+            unused[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
         elif key not in expected:
             unexpected.append(key)
         elif tuple(tensor.shape) != expected[key]:
@@ -192,46 +197,60 @@ def save_pretrained(
     state_dict: dict[str, torch.Tensor] | None,
     max_shard_size: int | str,
 ) -> None:
-    """Write the model in the official layout; every file appears whole or not at all."""
+    """Write the model in the official layout.
+
+    All shards are first written under temporary names; only then is the old checkpoint in ``directory`` taken
+    apart (``config.json`` first) and the new one put in place, ``config.json`` last. A crash at any point leaves
+    either the old checkpoint or a directory without ``config.json``, which no loader mistakes for a checkpoint.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = dict(state_dict if state_dict is not None else model.state_dict())
+    vision_dtype = tensors[VISION_PREFIX + "pre_layrnorm.weight"].dtype
     for key, tensor in model.unused_official_weights.items():
-        tensors.setdefault(key, tensor)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        tensors.setdefault(key, tensor.to(vision_dtype))
 
     limit = _parse_size(max_shard_size)
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    shards: list[list[str]] = [[]]
     size = 0
     for key, tensor in tensors.items():
         nbytes = tensor.numel() * tensor.element_size()
         if shards[-1] and size + nbytes > limit:
-            shards.append({})
+            shards.append([])
             size = 0
-        shards[-1][key] = tensor
+        shards[-1].append(key)
         size += nbytes
-
     names = (
         [SINGLE_FILE]
         if len(shards) == 1
         else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     )
-    for name, shard in zip(names, shards, strict=True):
-        atomic_write(directory / name, lambda tmp, shard=shard: save_file(shard, tmp, metadata={"format": "pt"}))
-    index_path = directory / INDEX_FILE
-    if len(shards) > 1:
-        index = {
-            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-            "weight_map": {key: name for name, shard in zip(names, shards, strict=True) for key in shard},
-        }
-        atomic_write_text(index_path, json.dumps(index, indent=2) + "\n")
-    elif index_path.exists():
-        index_path.unlink()
+
+    staged: list[tuple[str, Path]] = []
+    try:
+        for name, keys in zip(names, shards, strict=True):
+            shard = {k: tensors[k].detach().to("cpu").contiguous() for k in keys}  # one shard on CPU at a time
+            tmp = stage_file(directory, lambda path, shard=shard: save_file(shard, path, metadata={"format": "pt"}))
+            staged.append((tmp, directory / name))
+    except BaseException:
+        for tmp, _ in staged:
+            os.unlink(tmp)
+        raise
+
+    for old in (directory / "config.json", directory / INDEX_FILE):
+        old.unlink(missing_ok=True)
+    for tmp, final in staged:
+        os.replace(tmp, final)
     # Shards of an earlier save with another shard count would otherwise be picked up by other loaders.
     for stale in directory.glob("model*.safetensors"):
         if stale.name not in names:
             stale.unlink()
-
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+            "weight_map": {key: name for name, keys in zip(names, shards, strict=True) for key in keys},
+        }
+        atomic_write_text(directory / INDEX_FILE, json.dumps(index, indent=2) + "\n")
+    atomic_write_text(directory / "generation_config.json", model.generation_config.to_json_string())
     float_dtypes = [t.dtype for t in tensors.values() if t.is_floating_point()]
     model.config.save_official(directory, dtype=max(set(float_dtypes), key=float_dtypes.count))
-    atomic_write_text(directory / "generation_config.json", model.generation_config.to_json_string())
