@@ -10,10 +10,16 @@ from phi3v.model import (
     preset_config,
 )
 
+from phi3v.processing import Conversation, Phi3VImageProcessor, Phi3VProcessor, Turn
+
 __version__ = "0.1.0"
 
 __all__ = [
     "PRESETS",
+    "Conversation",
+    "Phi3VImageProcessor",
+    "Phi3VProcessor",
+    "Turn",
     "Phi3VConfig",
     "Phi3VForCausalLM",
     "Phi3VModel",

@@ -1,0 +1,247 @@
+"""The HD image transform of Phi-3-V, step for step as the official processor does it (spec §3.1).
+
+Notation:
+    C   num_crops, the most sub-image crops per image [4 or 16]
+    S   crop side in pixels [336]
+    h,w crop grid of one image, h * w <= C
+
+For one image the official processor:
+
+1. converts to RGB, compositing transparency onto white;
+2. transposes portraits so that the long side is horizontal;
+3. picks ``scale`` = the largest integer with ``scale * ceil(scale / ratio) <= C`` (``ratio = w / h >= 1``);
+4. resizes (bilinear, antialiased: PIL's resize) to width ``scale * S`` and height ``int(width / ratio)``,
+   up-scaling small images too;
+5. pads the height with white up to a multiple of S, ``int(diff / 2)`` rows on top and the rest below;
+6. transposes back;
+7. scales to [0, 1] and normalises with CLIP's mean and std;
+8. makes the global view: bicubic resize of the normalised, padded image to S x S (no antialias, no clamp);
+9. cuts the S x S crops in row-major order;
+10. stacks ``[global, crop_0, ...]`` and zero-pads to ``C + 1`` slots.
+
+Only PIL and torch are used. Where the official code would fail (an image so flat that step 4 gives a height of 0
+pixels), the height is taken as 1 pixel instead.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+WHITE = (255, 255, 255)
+
+
+class ImageError(ValueError):
+    """An image file that cannot be decoded; the message names the file."""
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Open an image file fully, upright (EXIF orientation applied), in RGB.
+
+    The official processor takes PIL images as given; EXIF orientation is applied here, when files are read, so
+    a photo is seen the way a viewer shows it.
+
+    Raises:
+        ImageError: for a missing, truncated or non-image file, naming it.
+    """
+    try:
+        with Image.open(path) as image:
+            image.load()  # decode now: a truncated file fails here, not later in a worker
+            image = ImageOps.exif_transpose(image)
+            return to_rgb(image)
+    except FileNotFoundError as err:
+        raise ImageError(f"{path}: image file not found") from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ImageError(f"{path}: cannot read image ({err})") from err
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB copy of ``image``; transparency (alpha band or palette transparency) is composited onto white."""
+    if image.mode == "RGB":
+        return image
+    has_alpha = "A" in image.getbands() or "transparency" in image.info
+    if not has_alpha:
+        return image.convert("RGB")
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (*WHITE, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+@dataclass(frozen=True)
+class HDGeometry:
+    """Where an image of a given size lands in the HD transform.
+
+    Attributes:
+        transposed: Whether the image is portrait and was transposed.
+        resized: ``(width, height)`` after the resize, in the landscape frame.
+        padded_height: Height after padding, in the landscape frame (multiple of S).
+        top: White rows added above, in the landscape frame.
+        grid: ``(h, w)`` crop grid of the final, upright image.
+    """
+
+    transposed: bool
+    resized: tuple[int, int]
+    padded_height: int
+    top: int
+    grid: tuple[int, int]
+
+
+def hd_geometry(width: int, height: int, num_crops: int, crop_size: int = 336) -> HDGeometry:
+    """The HD transform's sizes for an image, computed from its size alone (no pixels touched)."""
+    if width < 1 or height < 1:
+        raise ValueError(f"image size {width}x{height} has no pixels")
+    transposed = width < height
+    if transposed:
+        width, height = height, width
+    ratio = width / height
+    scale = 1
+    while scale * math.ceil(scale / ratio) <= num_crops:
+        scale += 1
+    scale -= 1
+    new_w = int(scale * crop_size)
+    new_h = max(1, int(new_w / ratio))
+    padded = math.ceil(new_h / crop_size) * crop_size
+    top = int((padded - new_h) / 2)
+    rows, cols = padded // crop_size, new_w // crop_size
+    grid = (cols, rows) if transposed else (rows, cols)
+    return HDGeometry(transposed, (new_w, new_h), padded, top, grid)
+
+
+def num_image_tokens_for_size(width: int, height: int, num_crops: int, crop_size: int = 336, g: int = 12) -> int:
+    """Image tokens the model will produce for an image of this size (spec §2.4), without touching pixels."""
+    h, w = hd_geometry(width, height, num_crops, crop_size).grid
+    return (h * w + 1) * g * g + 1 + (h + 1) * g
+
+
+class Phi3VImageProcessor:
+    """The official Phi-3-V image processor: HD crops, global view, zero-padded crop slots.
+
+    Args:
+        num_crops: Most sub-image crops per image (official default 4; 16 for single-image documents).
+        crop_size: Crop side in pixels (336 for the official models; the tiny preset uses 56).
+        image_mean: Per-channel normalisation mean.
+        image_std: Per-channel normalisation std.
+    """
+
+    def __init__(
+        self,
+        num_crops: int = 4,
+        crop_size: int = 336,
+        image_mean: Sequence[float] = CLIP_MEAN,
+        image_std: Sequence[float] = CLIP_STD,
+    ):
+        if num_crops < 1:
+            raise ValueError(f"num_crops must be at least 1, got {num_crops}")
+        if crop_size % 28:
+            raise ValueError(f"crop_size {crop_size} must be a multiple of 28 (14-pixel patches merged 2x2)")
+        self.num_crops = num_crops
+        self.crop_size = crop_size
+        self.image_mean = tuple(image_mean)
+        self.image_std = tuple(image_std)
+
+    @property
+    def merged_grid(self) -> int:
+        """Merged tokens per crop side (12 for 336-pixel crops of 14-pixel patches)."""
+        return self.crop_size // 28
+
+    def geometry(self, width: int, height: int) -> HDGeometry:
+        """``hd_geometry`` with this processor's settings."""
+        return hd_geometry(width, height, self.num_crops, self.crop_size)
+
+    def num_image_tokens(self, width: int, height: int) -> int:
+        """Image-token count of an image of this size."""
+        return num_image_tokens_for_size(width, height, self.num_crops, self.crop_size, self.merged_grid)
+
+    def hd_image(self, image: Image.Image) -> torch.Tensor:
+        """Steps 1-7: the normalised, padded HD image ``[3, h*S, w*S]`` (float32)."""
+        image = to_rgb(image)
+        geo = self.geometry(*image.size)
+        if geo.transposed:
+            image = image.transpose(Image.Transpose.TRANSPOSE)
+        image = image.resize(geo.resized, Image.Resampling.BILINEAR)
+        new_w, _new_h = geo.resized
+        canvas = Image.new("RGB", (new_w, geo.padded_height), WHITE)
+        canvas.paste(image, (0, geo.top))
+        if geo.transposed:
+            canvas = canvas.transpose(Image.Transpose.TRANSPOSE)
+        pixels = torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1).float().div_(255)  # [3, H, W]
+        mean = torch.tensor(self.image_mean).view(3, 1, 1)
+        std = torch.tensor(self.image_std).view(3, 1, 1)
+        return (pixels - mean) / std
+
+    def crops(self, hd: torch.Tensor) -> torch.Tensor:
+        """Steps 8-10: ``[3, h*S, w*S]`` -> ``[C+1, 3, S, S]`` (global view, row-major crops, zero slots)."""
+        s = self.crop_size
+        _, height, width = hd.shape
+        h, w = height // s, width // s
+        if h * w > self.num_crops:
+            raise ValueError(f"a {h}x{w} crop grid exceeds num_crops={self.num_crops}")
+        global_view = F.interpolate(hd[None], size=(s, s), mode="bicubic", align_corners=False)  # [1, 3, S, S]
+        tiles = hd.reshape(3, h, s, w, s).permute(1, 3, 0, 2, 4).reshape(h * w, 3, s, s)  # row-major crops
+        slots = hd.new_zeros(self.num_crops + 1, 3, s, s)
+        slots[0] = global_view[0]
+        slots[1 : 1 + h * w] = tiles
+        return slots
+
+    def __call__(self, images: Image.Image | Sequence[Image.Image]) -> dict:
+        """Process images.
+
+        Args:
+            images: One PIL image or a list.
+
+        Returns:
+            ``pixel_values`` ``[n, C+1, 3, S, S]`` float32, ``image_sizes`` ``[n, 2]`` long (padded HD height,
+            width), ``num_img_tokens`` list of ``n`` ints.
+        """
+        if isinstance(images, Image.Image):
+            images = [images]
+        pixel_values, sizes, counts = [], [], []
+        for image in images:
+            hd = self.hd_image(image)
+            pixel_values.append(self.crops(hd))
+            sizes.append(hd.shape[1:])
+            counts.append(self.num_image_tokens(*image.size))
+        if not pixel_values:
+            s = self.crop_size
+            return {
+                "pixel_values": torch.zeros(0, self.num_crops + 1, 3, s, s),
+                "image_sizes": torch.zeros(0, 2, dtype=torch.long),
+                "num_img_tokens": [],
+            }
+        return {
+            "pixel_values": torch.stack(pixel_values),
+            "image_sizes": torch.tensor([list(size) for size in sizes], dtype=torch.long),
+            "num_img_tokens": counts,
+        }
+
+    # ---- preprocessor_config.json -------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        """The official ``preprocessor_config.json`` fields (plus ``crop_size`` when not 336)."""
+        data = {
+            "do_convert_rgb": True,
+            "image_mean": list(self.image_mean),
+            "image_processor_type": "Phi3VImageProcessor",
+            "image_std": list(self.image_std),
+            "num_crops": self.num_crops,
+            "processor_class": "Phi3VProcessor",
+        }
+        if self.crop_size != 336:
+            data["crop_size"] = self.crop_size
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict, **overrides) -> Phi3VImageProcessor:
+        """Build from ``preprocessor_config.json`` content; ``overrides`` (e.g. ``num_crops``) win."""
+        known = {k: data[k] for k in ("num_crops", "crop_size", "image_mean", "image_std") if k in data}
+        known.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**known)
