@@ -9,7 +9,6 @@ from phi3v.model import (
     num_image_tokens,
     preset_config,
 )
-
 from phi3v.processing import Conversation, Phi3VImageProcessor, Phi3VProcessor, Turn
 
 __version__ = "0.1.0"
@@ -17,12 +16,12 @@ __version__ = "0.1.0"
 __all__ = [
     "PRESETS",
     "Conversation",
-    "Phi3VImageProcessor",
-    "Phi3VProcessor",
-    "Turn",
     "Phi3VConfig",
     "Phi3VForCausalLM",
+    "Phi3VImageProcessor",
     "Phi3VModel",
+    "Phi3VProcessor",
+    "Turn",
     "__version__",
     "build_model",
     "num_image_tokens",
