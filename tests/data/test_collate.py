@@ -38,6 +38,8 @@ def test_images_of_text_and_image_samples_are_stacked_in_sample_order():
     batch = collate(samples, PAD)
     assert batch["pixel_values"].shape == (3, 5, 3, 56, 56)
     assert torch.equal(batch["pixel_values"][2], samples[2].pixel_values[0])
+    samples[2].image_sizes = torch.tensor([[112, 56]])
+    assert collate(samples, PAD)["image_sizes"].tolist() == [[56, 56], [56, 56], [112, 56]]
     assert collate([_sample([1, 2])], PAD)["pixel_values"] is None
 
 

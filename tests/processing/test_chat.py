@@ -130,5 +130,5 @@ def test_mismatched_tags_raise(user, n_images):
 
 
 def test_training_turn_without_answer_raises():
-    with pytest.raises(ValueError, match="turn 2 has no assistant answer"):
+    with pytest.raises(ValueError, match="turn 2 of 2 has no assistant answer to train on"):
         render(Conversation([Turn("a", [], "b"), Turn("c")]), tokenize, [], IMAGE_ID)

@@ -112,18 +112,19 @@ def test_spec_token_examples():
     assert num_image_tokens_for_size(10, 2000, 4) == 781
 
 
-def test_grayscale_rgba_and_palette_become_rgb():
+def test_grayscale_rgba_and_palette_become_rgb_like_the_official_processor():
+    """The pinned transformers' convert_to_rgb is a plain convert("RGB"): alpha is dropped, not composited."""
     processor = Phi3VImageProcessor(num_crops=1)
     gray = PHOTOS["camera"]
     assert gray.mode == "L"
     torch.testing.assert_close(processor([gray])["pixel_values"], processor([gray.convert("RGB")])["pixel_values"])
-    # Half-transparent red over the white background -> (255, 127.5, 127.5), as the official convert_to_rgb does.
-    rgba = Image.new("RGBA", (40, 40), (255, 0, 0, 128))
-    red_on_white = Image.alpha_composite(Image.new("RGBA", (40, 40), (255, 255, 255, 255)), rgba).convert("RGB")
-    torch.testing.assert_close(processor([rgba])["pixel_values"], processor([red_on_white])["pixel_values"])
+    rgba = Image.new("RGBA", (40, 40), (255, 0, 0, 0))  # fully transparent red stays red
+    torch.testing.assert_close(
+        processor([rgba])["pixel_values"], processor([Image.new("RGB", (40, 40), (255, 0, 0))])["pixel_values"]
+    )
     palette = Image.new("P", (30, 20), 1)
     palette.putpalette([0, 0, 0, 10, 200, 30] + [0, 0, 0] * 254)
-    palette.info["transparency"] = 0  # colour 0 transparent, colour 1 opaque green
+    palette.info["transparency"] = 1
     expected = Image.new("RGB", (30, 20), (10, 200, 30))
     torch.testing.assert_close(processor([palette])["pixel_values"], processor([expected])["pixel_values"])
 
@@ -136,6 +137,7 @@ def test_load_image_applies_exif_orientation(tmp_path):
     image.save(path, exif=exif.tobytes())
     loaded = load_image(path)
     assert loaded.size == (20, 60) and loaded.mode == "RGB"
+    assert load_image(path, exif_transpose=False).size == (60, 20)  # as the reference recipe opens it
 
 
 def test_unreadable_files_name_the_file(tmp_path):

@@ -24,6 +24,7 @@ def test_save_and_load_are_self_contained(processor, tmp_path):
     assert config["num_crops"] == 4 and config["image_processor_type"] == "Phi3VImageProcessor"
     loaded = Phi3VProcessor.from_pretrained(tmp_path)
     assert loaded.tokenizer.chat_template == CHAT_TEMPLATE
+    assert loaded.special == processor.special and len(loaded.tokenizer) == len(processor.tokenizer)
     conversation = [{"images": [_image((90, 40), (1, 2, 3))], "user": "Colour?", "assistant": "dark"}]
     a, b = processor.encode(conversation), loaded.encode(conversation)
     assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.labels, b.labels)
@@ -47,6 +48,24 @@ def test_reads_the_official_preprocessor_config(processor, tmp_path):
     loaded = Phi3VProcessor.from_pretrained(tmp_path)
     assert loaded.image_processor.crop_size == 336 and loaded.image_processor.num_crops == 4
     assert loaded.image_token_id == 511  # read from the tokenizer's <|image|>, never assumed
+    loaded.save_pretrained(tmp_path / "again")  # official keys it does not use survive a round trip
+    again = json.loads((tmp_path / "again" / "preprocessor_config.json").read_text())
+    assert again["auto_map"] == official["auto_map"] and again["num_img_tokens"] == 144
+
+
+def test_broken_processor_files_are_named(processor, tmp_path):
+    processor.save_pretrained(tmp_path)
+    config = tmp_path / "preprocessor_config.json"
+    config.write_text('{"num_crops": "4"')
+    with pytest.raises(ValueError, match=r"preprocessor_config\.json"):
+        Phi3VProcessor.from_pretrained(tmp_path)
+    config.write_text('{"num_crops": 0}')
+    with pytest.raises(ValueError, match=r"preprocessor_config.json: num_crops must be at least 1"):
+        Phi3VProcessor.from_pretrained(tmp_path)
+    config.write_text('{"num_crops": 4}')
+    (tmp_path / "tokenizer.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"no tokenizer\.json or tokenizer\.model"):
+        Phi3VProcessor.from_pretrained(tmp_path)
 
 
 def test_batched_forward_equals_per_sample_forwards(processor):
@@ -117,6 +136,23 @@ def test_truncation_never_cuts_an_image_span(processor):
     answer_start = int((full.labels != -100).nonzero().min())
     with pytest.raises(TruncationError, match="keeps no answer token"):
         processor.encode(conversation, max_length=answer_start)
+
+
+def test_truncation_before_a_later_image_raises(processor):
+    conversation = [
+        {"images": [_image((60, 60), (0, 0, 0))], "user": "First?", "assistant": "a"},
+        {"images": [_image((60, 60), (9, 9, 9))], "user": "Second?", "assistant": "b"},
+    ]
+    full = processor.encode(conversation)
+    first_turn_end = int((full.labels != -100).nonzero().min()) + 6  # inside the first answer
+    with pytest.raises(TruncationError, match="image 2's tokens"):
+        processor.encode(conversation, max_length=first_turn_end)
+
+
+def test_a_jsonl_conversation_list_is_accepted_directly(processor):
+    conversation = [{"images": [_image((60, 60), (0, 0, 0))], "user": "What?", "assistant": "x"}]
+    batch = processor(conversation)
+    assert torch.equal(batch["input_ids"][0], processor.encode(conversation).input_ids)
 
 
 def test_dropped_samples_are_counted_by_the_collator(processor):

@@ -121,7 +121,7 @@ def check_tags(text: str, n_images: int, where: str) -> None:
         )
 
 
-def turn_prompt_texts(conversation: Conversation, generation: bool = False) -> list[str]:
+def turn_prompt_texts(conversation: Conversation) -> list[str]:
     """Each turn's prompt text (template with generation prompt), as it is tokenised."""
     texts = []
     for i, turn in enumerate(conversation.turns):
@@ -183,7 +183,7 @@ def render(
     """
     out = Rendered([], [], [], [])
     first_image = 0
-    prompts = turn_prompt_texts(conversation, generation)
+    prompts = turn_prompt_texts(conversation)
     for i, (turn, prompt) in enumerate(zip(conversation.turns, prompts, strict=True)):
         counts = image_tokens[first_image : first_image + len(turn.images)]
         ids, order, spans = tokenize_prompt(prompt, tokenize, counts, image_token_id)
@@ -195,7 +195,8 @@ def render(
         if generation and i == len(conversation.turns) - 1:
             break
         if turn.assistant is None:
-            raise ValueError(f"turn {i + 1} has no assistant answer to train on")
+            purpose = "to continue from" if generation else "to train on"
+            raise ValueError(f"turn {i + 1} of {len(conversation.turns)} has no assistant answer {purpose}")
         answer = tokenize(turn.assistant + ANSWER_SUFFIX, False)
         out.input_ids += answer
         out.labels += answer

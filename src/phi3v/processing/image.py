@@ -7,7 +7,7 @@ Notation:
 
 For one image the official processor:
 
-1. converts to RGB, compositing transparency onto white;
+1. converts to RGB (a plain conversion: alpha is dropped, not composited);
 2. transposes portraits so that the long side is horizontal;
 3. picks ``scale`` = the largest integer with ``scale * ceil(scale / ratio) <= C`` (``ratio = w / h >= 1``);
 4. resizes (bilinear, antialiased: PIL's resize) to width ``scale * S`` and height ``int(width / ratio)``,
@@ -44,11 +44,13 @@ class ImageError(ValueError):
     """An image file that cannot be decoded; the message names the file."""
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open an image file fully, upright (EXIF orientation applied), in RGB.
+def load_image(path: str | os.PathLike, exif_transpose: bool = True) -> Image.Image:
+    """Open an image file fully and convert it to RGB.
 
-    The official processor takes PIL images as given; EXIF orientation is applied here, when files are read, so
-    a photo is seen the way a viewer shows it.
+    Args:
+        path: The file.
+        exif_transpose: Apply the EXIF orientation, so a photo is seen the way a viewer shows it. The reference
+            recipe opens files without it; pass ``False`` to match it exactly for rotated photos.
 
     Raises:
         ImageError: for a missing, truncated or non-image file, naming it.
@@ -56,7 +58,8 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     try:
         with Image.open(path) as image:
             image.load()  # decode now: a truncated file fails here, not later in a worker
-            image = ImageOps.exif_transpose(image)
+            if exif_transpose:
+                image = ImageOps.exif_transpose(image)
             return to_rgb(image)
     except FileNotFoundError as err:
         raise ImageError(f"{path}: image file not found") from err
@@ -65,15 +68,9 @@ def load_image(path: str | os.PathLike) -> Image.Image:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB copy of ``image``; transparency (alpha band or palette transparency) is composited onto white."""
-    if image.mode == "RGB":
-        return image
-    has_alpha = "A" in image.getbands() or "transparency" in image.info
-    if not has_alpha:
-        return image.convert("RGB")
-    rgba = image.convert("RGBA")
-    background = Image.new("RGBA", rgba.size, (*WHITE, 255))
-    return Image.alpha_composite(background, rgba).convert("RGB")
+    """``image`` in RGB, as the official processor converts it (transformers' ``convert_to_rgb`` of the pinned
+    versions: a plain ``convert("RGB")``, so transparent pixels keep their colour and the alpha is dropped)."""
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 @dataclass(frozen=True)
@@ -237,11 +234,20 @@ class Phi3VImageProcessor:
         }
         if self.crop_size != 336:
             data["crop_size"] = self.crop_size
-        return data
+        return {**getattr(self, "extra", {}), **data}
 
     @classmethod
     def from_dict(cls, data: dict, **overrides) -> Phi3VImageProcessor:
-        """Build from ``preprocessor_config.json`` content; ``overrides`` (e.g. ``num_crops``) win."""
+        """Build from ``preprocessor_config.json`` content; ``overrides`` (e.g. ``num_crops``) win.
+
+        Keys this class does not use (``auto_map``, ``num_img_tokens`` ...) are kept and written back by
+        ``to_dict``, so a saved directory still opens with the official processor.
+        """
         known = {k: data[k] for k in ("num_crops", "crop_size", "image_mean", "image_std") if k in data}
         known.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**known)
+        for key in ("num_crops", "crop_size"):
+            if key in known and (not isinstance(known[key], int) or isinstance(known[key], bool)):
+                raise ValueError(f"{key} must be an integer, got {known[key]!r}")
+        processor = cls(**known)
+        processor.extra = {k: v for k, v in data.items() if k not in known and k not in processor.to_dict()}
+        return processor

@@ -84,8 +84,11 @@ class Phi3VProcessor:
         config_file = directory / PREPROCESSOR_FILE
         if not config_file.exists():
             raise FileNotFoundError(f"no {PREPROCESSOR_FILE} in {directory}")
-        data = json.loads(config_file.read_text(encoding="utf-8"))
-        image_processor = Phi3VImageProcessor.from_dict(data, num_crops=num_crops)
+        try:
+            data = json.loads(config_file.read_text(encoding="utf-8"))
+            image_processor = Phi3VImageProcessor.from_dict(data, num_crops=num_crops)
+        except (json.JSONDecodeError, ValueError, TypeError) as err:
+            raise ValueError(f"{config_file}: {err}") from err
         return cls(image_processor, load_tokenizer(directory), data.get("image_token_id"))
 
     @classmethod
@@ -191,7 +194,8 @@ class Phi3VProcessor:
         """Encode and collate (right padding to train, left to generate).
 
         Args:
-            conversations: One conversation or a batch; or, as the official processor takes it, a prompt string
+            conversations: One conversation (a ``Conversation`` or a jsonl ``conversations`` list) or a list of
+                them; or, as the official processor takes it, a prompt string
                 already in the chat template with ``<|image_k|>`` tags (then ``images`` are its images and the
                 result is the generation input of that prompt).
             images: The images of a prompt string.
@@ -200,7 +204,9 @@ class Phi3VProcessor:
         """
         if isinstance(conversations, str):
             return self._encode_prompt_text(conversations, images)
-        if isinstance(conversations, Conversation):
+        if isinstance(conversations, Conversation) or (
+            conversations and isinstance(conversations, Sequence) and isinstance(conversations[0], dict)
+        ):  # one conversation, possibly as a jsonl `conversations` list
             conversations = [conversations]
         samples = [self.encode(c, generation=generation, **kwargs) for c in conversations]
         return self.collate(samples, padding_side="left" if generation else "right")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import string
 from dataclasses import dataclass
+from pathlib import Path
 
 from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerBase
 
@@ -70,8 +71,16 @@ def special_ids(tokenizer: PreTrainedTokenizerBase) -> SpecialIds:
 
 
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
-    """Load the tokenizer files of a checkpoint directory (no remote code)."""
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    """Load the tokenizer files of a checkpoint directory (no remote code).
+
+    Raises:
+        FileNotFoundError: when the directory has neither ``tokenizer.json`` nor ``tokenizer.model`` (transformers
+            would otherwise build an almost empty tokenizer from the remaining files without complaint).
+    """
+    directory = Path(path)
+    if not any((directory / name).exists() for name in ("tokenizer.json", "tokenizer.model")):
+        raise FileNotFoundError(f"{directory}: no tokenizer.json or tokenizer.model")
+    tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = ENDOFTEXT
     if not tokenizer.chat_template:
