@@ -72,6 +72,42 @@ def _cmd_model_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_processor(args: argparse.Namespace):
+    from phi3v.processing import Phi3VImageProcessor, Phi3VProcessor, build_tiny_tokenizer
+
+    if args.model:
+        return Phi3VProcessor.from_pretrained(args.model, num_crops=args.num_crops), ""
+    if args.preset == "tiny":
+        return Phi3VProcessor.tiny(num_crops=args.num_crops), ""
+    # Official image geometry; text tokens counted with the small tokenizer (one token per character, roughly).
+    image_processor = Phi3VImageProcessor(num_crops=args.num_crops)
+    note = " (text counted with phi3v's small tokenizer; pass --model for the exact count)"
+    return Phi3VProcessor(image_processor, build_tiny_tokenizer(), image_token_id=32044), note
+
+
+def _cmd_data_check(args: argparse.Namespace) -> int:
+    from phi3v.data.check import check_file
+
+    processor, note = _check_processor(args)
+    report = check_file(args.data, args.image_root, processor, max_length=args.max_length, workers=args.workers)
+    report.tokenizer_note = note
+    for problem in report.problems:
+        print(problem)
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from phi3v.data.convert import check_written, run
+
+    if args.src is None and args.source != "digits":
+        raise ValueError(f"phi3v convert {args.source} needs --src")
+    written = run(args.source, args)
+    if args.no_check:
+        return 0
+    return 0 if check_written(written, args.out, args.num_crops) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     from phi3v import PRESETS, __version__
 
@@ -97,6 +133,31 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--path", help="checkpoint directory")
     info.add_argument("--keys", action="store_true", help="also list every key and shape")
     info.set_defaults(func=_cmd_model_info)
+
+    data = sub.add_parser("data", help="check data files").add_subparsers(dest="action", required=True)
+    check = data.add_parser("check", help="report every problem of a jsonl file (file:line) and statistics")
+    check.add_argument("data", help="the jsonl file")
+    check.add_argument("--image-root", required=True, help="folder the image paths are relative to")
+    check.add_argument("--num-crops", type=int, default=16, help="num_crops for token counts (default 16)")
+    check.add_argument("--max-length", type=int, default=None, help="count samples longer than this")
+    check.add_argument("--model", default=None, help="checkpoint whose tokenizer counts the text tokens")
+    check.add_argument("--preset", choices=["tiny"], default=None, help="count tokens for the tiny preset")
+    check.add_argument("--workers", type=int, default=8, help="threads decoding images")
+    check.set_defaults(func=_cmd_data_check)
+
+    from phi3v.data.convert import SOURCES
+
+    convert = sub.add_parser("convert", help="convert a raw dataset into the generic jsonl format")
+    sources = convert.add_subparsers(dest="source", required=True)
+    for name, module in SOURCES.items():
+        source = sources.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
+        source.add_argument("--src", default=None, help="the raw dataset (file or folder)")
+        source.add_argument("--out", required=True, help="output folder (images/ and NAME_{train,val,test}.jsonl)")
+        source.add_argument("--name", default=None, help=f"dataset name in the file names (default {name})")
+        source.add_argument("--no-check", action="store_true", help="skip `phi3v data check` of the output")
+        source.add_argument("--num-crops", type=int, default=16, help="num_crops for the check's token counts")
+        module.add_arguments(source)
+        source.set_defaults(func=_cmd_convert)
     return parser
 
 
@@ -107,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError) as err:  # our errors name the file, line or value
         print(f"phi3v: error: {err}", file=sys.stderr)
         return 2
 

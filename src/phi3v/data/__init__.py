@@ -1,5 +1,7 @@
-"""Data: collation (the jsonl format, dataset and converters come with the data tools)."""
+"""Data: the generic jsonl format, its checker, a lazy dataset, collation and converters."""
 
 from phi3v.data.collate import collate
+from phi3v.data.dataset import DataError, JsonlDataset, read_records
+from phi3v.data.schema import Record, parse_record
 
-__all__ = ["collate"]
+__all__ = ["DataError", "JsonlDataset", "Record", "collate", "parse_record", "read_records"]

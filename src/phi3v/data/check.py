@@ -1,0 +1,149 @@
+"""``phi3v data check``: every problem of a jsonl file with its file:line, and statistics.
+
+Problems reported: bad JSON, missing or mistyped fields, image paths that are absolute or escape the image root
+(also through symbolic links), missing, truncated or unreadable images, ``<|image_k|>`` tags that do not match the
+image count, empty answers and duplicate ids. Images are decoded completely (in threads), once per distinct path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from phi3v.data.schema import Record, parse_record
+from phi3v.processing.chat import render
+from phi3v.processing.image import ImageError, load_image
+from phi3v.processing.processor import Phi3VProcessor
+
+
+@dataclass
+class CheckReport:
+    """What ``check_file`` found."""
+
+    path: Path
+    problems: list[str] = field(default_factory=list)
+    samples: int = 0
+    images_per_sample: Counter = field(default_factory=Counter)
+    token_lengths: list[int] = field(default_factory=list)
+    max_length: int | None = None
+    tokenizer_note: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def truncated(self) -> int:
+        """Samples longer than ``max_length``."""
+        return 0 if self.max_length is None else sum(n > self.max_length for n in self.token_lengths)
+
+    def summary(self) -> str:
+        """A human-readable summary with the statistics."""
+        lines = [f"{self.path}: {self.samples} valid sample(s), {len(self.problems)} problem(s)"]
+        if self.images_per_sample:
+            spread = ", ".join(f"{n}: {c}" for n, c in sorted(self.images_per_sample.items()))
+            lines.append(f"  images per sample (count: samples): {spread}")
+        if self.token_lengths:
+            lengths = sorted(self.token_lengths)
+            p95 = lengths[min(len(lengths) - 1, int(0.95 * len(lengths)))]
+            lines.append(
+                f"  tokens per sample: min {lengths[0]}, median {statistics.median(lengths):.0f}, "
+                f"p95 {p95}, max {lengths[-1]}{self.tokenizer_note}"
+            )
+            if self.max_length is not None:
+                lines.append(f"  longer than max_length {self.max_length}: {self.truncated}")
+        return "\n".join(lines)
+
+
+def _resolve(image_root: Path, relative: str) -> tuple[Path, str | None]:
+    path = image_root / relative
+    real_root = image_root.resolve()
+    real = path.resolve()
+    if real != real_root and real_root not in real.parents:
+        return path, f"image {relative!r} resolves outside the image root ({real})"
+    return path, None
+
+
+def check_file(
+    path: str | os.PathLike,
+    image_root: str | os.PathLike,
+    processor: Phi3VProcessor,
+    max_length: int | None = None,
+    workers: int = 8,
+    progress: bool = True,
+) -> CheckReport:
+    """Check a jsonl file and its images.
+
+    Args:
+        path: The jsonl file.
+        image_root: Folder the image paths are relative to.
+        processor: Gives the token counts (its tokenizer and ``num_crops``).
+        max_length: Count the samples longer than this.
+        workers: Threads decoding images.
+        progress: Show a progress bar.
+    """
+    path, image_root = Path(path), Path(image_root)
+    report = CheckReport(path, max_length=max_length)
+    if not image_root.is_dir():
+        report.problems.append(f"{image_root}: image root is not a directory")
+        return report
+    records: list[Record] = []
+    first_line: dict[str, int] = {}
+    with open(path, encoding="utf-8") as f:
+        for number, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as err:
+                report.problems.append(f"{path}:{number}: invalid JSON ({err.msg} at column {err.colno})")
+                continue
+            record, problems = parse_record(obj, number)
+            report.problems += [f"{path}:{number}: {p}" for p in problems]
+            if record is None:
+                continue
+            if record.id in first_line:
+                report.problems.append(
+                    f"{path}:{number}: duplicate id {record.id!r} (first on line {first_line[record.id]})"
+                )
+                continue
+            first_line[record.id] = number
+            records.append(record)
+
+    # Decode every distinct image once.
+    sizes: dict[str, tuple[int, int] | str] = {}
+    distinct = sorted({p for r in records for p in r.image_paths})
+
+    def inspect(relative: str) -> tuple[str, tuple[int, int] | str]:
+        full, escape = _resolve(image_root, relative)
+        if escape:
+            return relative, escape
+        try:
+            return relative, load_image(full).size
+        except ImageError as err:
+            return relative, str(err)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = pool.map(inspect, distinct)
+        for relative, size in tqdm(results, total=len(distinct), desc="images", disable=not progress, unit="img"):
+            sizes[relative] = size
+
+    tokenize = processor._tokenize
+    for record in records:
+        bad = [(p, sizes[p]) for p in record.image_paths if isinstance(sizes[p], str)]
+        if bad:
+            report.problems += [f"{path}:{record.line}: {message}" for _, message in bad]
+            continue
+        counts = [processor.image_processor.num_image_tokens(*sizes[p]) for p in record.image_paths]
+        length = len(render(record.conversation(), tokenize, counts, processor.image_token_id).input_ids)
+        report.samples += 1
+        report.images_per_sample[len(record.image_paths)] += 1
+        report.token_lengths.append(length)
+    return report

@@ -1,0 +1,80 @@
+"""scikit-learn's handwritten digits (1,797 real 8x8 scans) as three small tasks shaped like the reference ones.
+
+* ``digits``: one image, "which digit?" (single-image classification, like hateful memes' one image).
+* ``digits_pair``: two images, "same digit?" (a two-image comparison, like NLVR2).
+* ``digits_video``: several frames of one digit written by different people (a multi-frame clip, like UCF-101).
+
+Splits are made over the scans, so no scan of the val or test split is seen in training, in any task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from phi3v.data.convert.common import ConversionError, StagedOutput, single_turn
+from phi3v.tasks import get_task
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--frames", type=int, default=4, help="frames per digits_video clip")
+    parser.add_argument("--val-fraction", type=float, default=0.15)
+    parser.add_argument("--test-fraction", type=float, default=0.15)
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N scans (quick runs)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def convert(args: argparse.Namespace, out: StagedOutput) -> None:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images, targets = digits.images, digits.target
+    if args.limit:
+        images, targets = images[: args.limit], targets[: args.limit]
+    rng = random.Random(args.seed)
+    order = list(range(len(images)))
+    rng.shuffle(order)
+    n_val, n_test = int(len(order) * args.val_fraction), int(len(order) * args.test_fraction)
+    splits = {"val": order[:n_val], "test": order[n_val : n_val + n_test], "train": order[n_val + n_test :]}
+
+    paths = {}
+    for index in tqdm(range(len(images)), desc="digits", unit="img"):
+        pixels = np.clip(images[index] * (255 / 16), 0, 255).astype(np.uint8)  # 0..16 ink levels -> 0..255
+        paths[index] = out.save_image(f"digits/{index:04d}.png", Image.fromarray(pixels, mode="L"))
+
+    single, pair, video = get_task("digits"), get_task("digits_pair"), get_task("digits_video")
+    for split, indices in splits.items():
+        by_class: dict[int, list[int]] = {}
+        for i in indices:
+            by_class.setdefault(int(targets[i]), []).append(i)
+        for i in indices:
+            out.add(
+                split, single_turn(f"{split}-{i:04d}", "digits", [paths[i]], single.prompt(), str(targets[i])), "digits"
+            )
+        for n, i in enumerate(indices):
+            same = rng.random() < 0.5 and len(by_class[int(targets[i])]) > 1
+            pool = (
+                [j for j in by_class[int(targets[i])] if j != i]
+                if same
+                else [j for j in indices if targets[j] != targets[i]]
+            )
+            j = rng.choice(pool)
+            record = single_turn(f"{split}-pair-{n:04d}", "digits", [paths[i], paths[j]], pair.prompt(),
+                                 "yes" if same else "no")  # fmt: skip
+            out.add(split, record, "digits_pair")
+        classes = [c for c, members in by_class.items() if len(members) >= args.frames]
+        if not classes:
+            raise ConversionError(
+                f"the {split} split ({len(indices)} scans) has no digit with {args.frames} scans for a clip; "
+                "use more scans (--limit) or fewer --frames"
+            )
+        for n in range(len(indices) // 2):
+            digit = rng.choice(classes)
+            frames = rng.sample(by_class[digit], args.frames)
+            record = single_turn(f"{split}-video-{n:04d}", "digits", [paths[f] for f in frames], video.prompt(),
+                                 str(digit))  # fmt: skip
+            out.add(split, record, "digits_video")

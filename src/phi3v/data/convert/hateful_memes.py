@@ -1,0 +1,76 @@
+"""Hateful memes, from the_cauldron ``hateful_memes`` or the original release.
+
+* the_cauldron (``images`` + ``texts``): the first text of each row, as in the reference recipe; the first
+  ``--val-size`` rows form the val split;
+* the original release: ``train.jsonl``, ``dev*.jsonl``, ``test*.jsonl`` rows ``{id, img, label, text}`` with
+  ``img`` relative to the folder; rows without a label are counted and left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from tqdm import tqdm
+
+from phi3v.data.convert import hf
+from phi3v.data.convert.common import ConversionError, StagedOutput, image_extension, single_turn
+from phi3v.tasks import get_task
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--val-size", type=int, default=500, help="the_cauldron: rows held out as val")
+
+
+def _split_of(name: str) -> str | None:
+    for prefix, split in (("train", "train"), ("dev", "val"), ("val", "val"), ("test", "test")):
+        if name.startswith(prefix):
+            return split
+    return None
+
+
+def convert(args: argparse.Namespace, out: StagedOutput) -> None:
+    src = Path(args.src)
+    originals = sorted(p for p in src.glob("*.jsonl") if _split_of(p.name)) if src.is_dir() else []
+    if originals:
+        _convert_original(originals, out)
+        return
+    for split, dataset in hf.load_splits(src).items():
+        if not hf.cauldron_rows(dataset):
+            raise ConversionError(f"{src} ({split}): columns {dataset.column_names} are not the_cauldron's")
+        dataset = hf.undecoded(dataset, "images")
+        for row_index, row in enumerate(tqdm(dataset, desc=split, unit="meme")):
+            target = "val" if split == "train" and row_index < args.val_size else split
+            image = hf.image_bytes(row["images"][0], f"{src} {split} row {row_index}")
+            path = out.save_image(f"{target}/{row_index:07d}{image_extension(image)}", image)
+            text = row["texts"][0]
+            out.add(target, single_turn(f"{target}-{row_index:07d}", "hateful_memes", [path], text["user"],
+                                        text["assistant"]))  # fmt: skip
+
+
+def _convert_original(files: list[Path], out: StagedOutput) -> None:
+    task = get_task("hateful_memes")
+    for file in files:
+        split = _split_of(file.name)
+        unlabelled = 0
+        lines = file.read_text(encoding="utf-8").splitlines()
+        for number, line in enumerate(tqdm(lines, desc=file.name, unit="meme"), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ConversionError(f"{file}:{number}: invalid JSON ({err.msg})") from err
+            if "label" not in row:
+                unlabelled += 1
+                continue
+            image = file.parent / row["img"]
+            if not image.exists():
+                raise ConversionError(f"{file}:{number}: image {image} not found")
+            path = out.save_image(f"{split}/{row['img']}", image.read_bytes())
+            answer = "yes" if int(row["label"]) == 1 else "no"
+            out.add(split, single_turn(f"{split}-{row['id']}", "hateful_memes", [path], task.prompt(row["text"]),
+                                       answer))  # fmt: skip
+        if unlabelled:
+            print(f"{file.name}: {unlabelled} row(s) without a label left out")

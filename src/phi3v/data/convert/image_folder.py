@@ -1,0 +1,74 @@
+"""An image-classification folder: ``root/<class>/*.jpg``, or ``root/{train,val,test}/<class>/*.jpg``.
+
+Without split folders, a seeded random ``--val-fraction`` / ``--test-fraction`` of each class is held out. Images
+are copied byte for byte after a full decode check. The class list goes into ``{name}_meta.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import shutil
+from pathlib import Path
+
+from tqdm import tqdm
+
+from phi3v.data.convert.common import SPLITS, ConversionError, StagedOutput, single_turn
+from phi3v.processing.image import ImageError, load_image
+from phi3v.tasks import get_task
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--val-fraction", type=float, default=0.1)
+    parser.add_argument("--test-fraction", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-bad", action="store_true", help="skip (and count) unreadable images")
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _classes(folder: Path) -> dict[str, list[Path]]:
+    classes = {d.name: _images(d) for d in sorted(folder.iterdir()) if d.is_dir() and not d.name.startswith(".")}
+    return {name: files for name, files in classes.items() if files}
+
+
+def convert(args: argparse.Namespace, out: StagedOutput) -> None:
+    root = Path(args.src)
+    if set(SPLITS) & {d.name for d in root.iterdir() if d.is_dir()}:
+        layout = {split: _classes(root / split) for split in SPLITS if (root / split).is_dir()}
+    else:
+        rng = random.Random(args.seed)
+        layout = {split: {} for split in SPLITS}
+        for name, files in _classes(root).items():
+            files = files[:]
+            rng.shuffle(files)
+            n_val, n_test = round(len(files) * args.val_fraction), round(len(files) * args.test_fraction)
+            layout["val"][name] = sorted(files[:n_val])
+            layout["test"][name] = sorted(files[n_val : n_val + n_test])
+            layout["train"][name] = sorted(files[n_val + n_test :])
+    classes = sorted({name for split in layout.values() for name in split})
+    if not classes:
+        raise ConversionError(f"{root}: no class folders with images (expected {root}/<class>/*.jpg)")
+    task = get_task("image_classification")
+    prompt = task.prompt(classes)
+    skipped = 0
+    for split, by_class in layout.items():
+        items = [(name, f) for name in sorted(by_class) for f in by_class[name]]
+        for n, (name, file) in enumerate(tqdm(items, desc=split, unit="img")):
+            try:
+                load_image(file)
+            except ImageError:
+                if not args.skip_bad:
+                    raise
+                skipped += 1
+                continue
+            relative = f"{split}/{name}/{file.name}"
+            shutil.copyfile(file, out.image_file(relative))
+            out.add(split, single_turn(f"{split}-{n:08d}", out.name, [relative], prompt, name))
+    out.add_json(f"{out.name}_meta.json", {"task": task.name, "labels": classes, "skipped_unreadable": skipped})
+    if skipped:
+        print(f"skipped {skipped} unreadable image(s) (--skip-bad)")

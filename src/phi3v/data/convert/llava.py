@@ -1,0 +1,96 @@
+"""LLaVA-style json (a list, or jsonl): ``image`` (a path or a list), ``conversations[{from, value}]``.
+
+``<image>`` tags in a human turn become that turn's ``<|image_k|>`` tags, images assigned in order. A record with
+images but no tag gets its images on the first turn (tags are then prefixed by the processor). Human and gpt turns
+must alternate, starting with a human turn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+from pathlib import Path
+
+from tqdm import tqdm
+
+from phi3v.data.convert.common import ConversionError, StagedOutput
+from phi3v.data.schema import Record, check_image_path
+from phi3v.processing.chat import Turn
+from phi3v.processing.image import ImageError, load_image
+
+HUMAN, GPT = ("human", "user"), ("gpt", "assistant")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--image-folder", required=True, help="folder the records' image paths are relative to")
+    parser.add_argument("--val-fraction", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _load(path: Path) -> list[dict]:
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        data = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    data.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ConversionError(f"{path}:{number}: invalid JSON ({err.msg})") from err
+    if not isinstance(data, list):
+        raise ConversionError(f"{path}: expected a JSON list of records")
+    return data
+
+
+def to_record(item: dict, index: int, where: str) -> Record:
+    """One LLaVA item as a generic record (image paths unchanged)."""
+    images = item.get("image") or []
+    images = [images] if isinstance(images, str) else list(images)
+    messages = item.get("conversations")
+    if not isinstance(messages, list) or len(messages) < 2 or len(messages) % 2:
+        raise ConversionError(f"{where}: conversations must be human/gpt pairs")
+    turns, next_image = [], 0
+    for k in range(0, len(messages), 2):
+        human, gpt = messages[k], messages[k + 1]
+        if human.get("from") not in HUMAN or gpt.get("from") not in GPT:
+            raise ConversionError(
+                f"{where}: turn {k // 2 + 1} is {human.get('from')!r}/{gpt.get('from')!r}, expected human/gpt"
+            )
+        text = str(human.get("value", ""))
+        n_tags = text.count("<image>")
+        for tag in range(1, n_tags + 1):
+            text = text.replace("<image>", f"<|image_{tag}|>", 1)
+        turns.append(Turn(text, images[next_image : next_image + n_tags], str(gpt.get("value", ""))))
+        next_image += n_tags
+    if next_image == 0 and images:
+        turns[0].images = images
+    elif next_image != len(images):
+        raise ConversionError(f"{where}: {next_image} <image> tag(s) for {len(images)} image(s)")
+    record_id = str(item.get("id", index))
+    return Record(record_id, "llava", turns, [turns[-1].assistant])
+
+
+def convert(args: argparse.Namespace, out: StagedOutput) -> None:
+    src, folder = Path(args.src), Path(args.image_folder)
+    items = _load(src)
+    rng = random.Random(args.seed)
+    val = set(rng.sample(range(len(items)), round(len(items) * args.val_fraction)))
+    copied: set[str] = set()
+    for index, item in enumerate(tqdm(items, desc="records", unit="rec")):
+        where = f"{src} record {index}"
+        record = to_record(item, index, where)
+        for path in record.image_paths:
+            if reason := check_image_path(path):
+                raise ConversionError(f"{where}: {reason}")
+            if path not in copied:
+                try:
+                    load_image(folder / path)
+                except ImageError as err:
+                    raise ConversionError(f"{where}: {err}") from err
+                shutil.copyfile(folder / path, out.image_file(path))
+                copied.add(path)
+        out.add("val" if index in val else "train", record)

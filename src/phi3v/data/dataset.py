@@ -1,0 +1,100 @@
+"""A dataset over a generic jsonl file: records are parsed once up front, images are opened only per item."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+from torch.utils.data import Dataset
+
+from phi3v.data.schema import Record, parse_record
+from phi3v.processing.chat import Conversation
+from phi3v.processing.image import load_image
+from phi3v.processing.processor import Phi3VProcessor, Sample
+
+
+class DataError(ValueError):
+    """A problem in a data file; the message names the file and line."""
+
+
+def read_records(path: str | os.PathLike) -> list[Record]:
+    """Parse every line of a jsonl file.
+
+    Raises:
+        DataError: listing every bad line (``file:line: problem``); run ``phi3v data check`` for images too.
+    """
+    records, problems = [], []
+    with open(path, encoding="utf-8") as f:
+        for number, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            record, found = _parse_line(text, number)
+            problems += [f"{path}:{number}: {p}" for p in found]
+            if record is not None:
+                records.append(record)
+    if problems:
+        shown = "\n".join(problems[:20]) + (f"\n... {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise DataError(f"{len(problems)} problem(s) in {path}:\n{shown}")
+    return records
+
+
+def _parse_line(text: str, number: int) -> tuple[Record | None, list[str]]:
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as err:
+        return None, [f"invalid JSON ({err.msg} at column {err.colno})"]
+    return parse_record(obj, number)
+
+
+class JsonlDataset(Dataset):
+    """Samples of a generic jsonl file, images opened only when an item is read.
+
+    Args:
+        path: The jsonl file.
+        image_root: Folder the image paths are relative to.
+        processor: When given, items are encoded ``Sample``\\ s; otherwise ``Conversation``\\ s with PIL images.
+        max_length: Passed to ``Phi3VProcessor.encode``.
+        on_overflow: ``"error"`` or ``"drop"`` for samples longer than ``max_length`` (dropped items are ``None``,
+            which the collator counts).
+        system: Optional system message for every conversation.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        image_root: str | os.PathLike,
+        processor: Phi3VProcessor | None = None,
+        max_length: int | None = None,
+        on_overflow: Literal["error", "drop"] = "error",
+        system: str | None = None,
+    ):
+        self.path = Path(path)
+        self.image_root = Path(image_root)
+        self.processor = processor
+        self.max_length = max_length
+        self.on_overflow = on_overflow
+        self.system = system
+        self.records = read_records(self.path)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def conversation(self, index: int) -> Conversation:
+        """The conversation of item ``index`` with its images opened."""
+        record = self.records[index]
+        conversation = record.conversation(self.image_root, self.system)
+        for turn in conversation.turns:
+            turn.images = [load_image(path) for path in turn.images]
+        return conversation
+
+    def __getitem__(self, index: int) -> Sample | Conversation | None:
+        conversation = self.conversation(index)
+        if self.processor is None:
+            return conversation
+        record = self.records[index]
+        try:
+            return self.processor.encode(conversation, max_length=self.max_length, on_overflow=self.on_overflow)
+        except ValueError as err:
+            raise DataError(f"{self.path}:{record.line} (id {record.id}): {err}") from err

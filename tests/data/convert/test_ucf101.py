@@ -1,0 +1,79 @@
+import pytest
+
+from phi3v.data.convert.common import ConversionError
+from tests.data.convert.conftest import convert, read_jsonl, write_video
+
+CLASSES = ["ApplyEyeMakeup", "Archery", "Basketball"]
+
+
+def _official(root):
+    for cls in CLASSES:
+        for group in (1, 2, 8, 9, 10):
+            write_video(root / "UCF-101" / cls / f"v_{cls}_g{group:02d}_c01.avi")
+
+
+def test_official_layout_without_split_files(tmp_path):
+    _official(tmp_path / "src")
+    convert("ucf101", tmp_path / "out", ["--src", str(tmp_path / "src")])
+    train = read_jsonl(tmp_path / "out" / "ucf101_train.jsonl")
+    val = read_jsonl(tmp_path / "out" / "ucf101_val.jsonl")
+    test = read_jsonl(tmp_path / "out" / "ucf101_test.jsonl")
+    assert (len(train), len(val), len(test)) == (6, 3, 6)  # groups 8-9 | 10 (last training group) | 1-2
+    assert all("_g10_" in r["conversations"][0]["images"][0] for r in val)
+    record = train[0]
+    assert record["id"] == "train-0000000000" and record["source"] == "ucf101"
+    turn = record["conversations"][0]
+    assert turn["user"] == "Classify the video into one of the following classes: ApplyEyeMakeup, Archery, Basketball."
+    assert turn["images"] == [f"train/ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.{k}.jpg" for k in range(8)]
+    assert turn["assistant"] == "ApplyEyeMakeup"
+    assert val[0]["id"] == "val-0000000006" and test[-1]["id"] == "test-0000000014"
+    assert (tmp_path / "out" / "images" / turn["images"][7]).exists()
+
+
+def test_frames_are_the_reference_indices(tmp_path):
+    """12 frames, 8 wanted: arange(0, 12, 1.5).astype(int) = 0 1 3 4 6 7 9 10; frame k has grey level 20k."""
+    from PIL import Image
+
+    write_video(tmp_path / "src" / "train" / "Archery" / "clip.avi", frames=12)
+    convert("ucf101", tmp_path / "out", ["--src", str(tmp_path / "src")])
+    images = read_jsonl(tmp_path / "out" / "ucf101_train.jsonl")[0]["conversations"][0]["images"]
+    levels = [Image.open(tmp_path / "out" / "images" / p).convert("L").getpixel((16, 16)) for p in images]
+    assert [round(level / 20) for level in levels] == [0, 1, 3, 4, 6, 7, 9, 10]
+
+
+def test_official_split_lists_and_class_subset(tmp_path):
+    _official(tmp_path / "src")
+    lists = tmp_path / "ucfTrainTestlist"
+    lists.mkdir()
+    videos = [f"{c}/v_{c}_g{g:02d}_c01.avi" for c in CLASSES for g in (1, 2, 8, 9, 10)]
+    (lists / "testlist01.txt").write_text("\n".join(v for v in videos if "_g01_" in v) + "\n")
+    (lists / "trainlist01.txt").write_text("\n".join(f"{v} 1" for v in videos if "_g01_" not in v) + "\n")
+    convert("ucf101", tmp_path / "out", ["--src", str(tmp_path / "src" / "UCF-101"), "--split-dir", str(lists),
+                                         "--classes", "Archery,Basketball", "--frames", "4"])  # fmt: skip
+    test = read_jsonl(tmp_path / "out" / "ucf101_test.jsonl")
+    train = read_jsonl(tmp_path / "out" / "ucf101_train.jsonl")
+    assert len(test) == 2 and len(train) == 6 and len(test[0]["conversations"][0]["images"]) == 4
+    assert test[0]["conversations"][0]["user"].endswith("classes: Archery, Basketball.")
+    with pytest.raises(ConversionError, match=r"--classes names unknown class\(es\) \['Bowling'\]"):
+        convert("ucf101", tmp_path / "out2", ["--src", str(tmp_path / "src"), "--classes", "Bowling"])
+
+
+def test_split_folder_layout_of_the_reference_recipe(tmp_path):
+    for split, n in (("train", 2), ("val", 1), ("test", 1)):
+        for cls in CLASSES[:2]:
+            for i in range(n):
+                write_video(tmp_path / "src" / split / cls / f"v_{cls}_g0{i + 1}_c01.avi", frames=9)
+    written = convert("ucf101", tmp_path / "out", ["--src", str(tmp_path / "src")])
+    assert sorted(p.name for p in written) == [
+        "ucf101_meta.json", "ucf101_test.jsonl", "ucf101_train.jsonl", "ucf101_val.jsonl"
+    ]  # fmt: skip
+    assert [len(read_jsonl(tmp_path / "out" / f"ucf101_{s}.jsonl")) for s in ("train", "val", "test")] == [4, 2, 2]
+
+
+def test_an_undecodable_video_is_named(tmp_path):
+    bad = tmp_path / "src" / "train" / "Archery" / "broken.avi"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"not a video")
+    with pytest.raises(ConversionError, match=r"broken\.avi: cannot decode video"):
+        convert("ucf101", tmp_path / "out", ["--src", str(tmp_path / "src")])
+    assert not list((tmp_path / "out").glob("*.jsonl")) and not (tmp_path / "out" / ".staging-ucf101").exists()

@@ -1,0 +1,111 @@
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from phi3v.cli import main
+from phi3v.data.check import check_file
+from phi3v.data.dataset import DataError, JsonlDataset, read_records
+from phi3v.processing import Conversation, Phi3VProcessor, Sample
+
+
+def _turn(images, user="What is it?", assistant="a cat"):
+    return {"images": images, "user": user, "assistant": assistant}
+
+
+def _record(rid, images=("ok.png",), **turn):
+    return {"id": rid, "source": "test", "conversations": [_turn(list(images), **turn)]}
+
+
+@pytest.fixture
+def data(tmp_path):
+    root = tmp_path / "images"
+    root.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(root / "ok.png")
+    Image.new("RGB", (30, 30)).save(root / "big.png")
+    (root / "corrupt.png").write_bytes((root / "big.png").read_bytes()[:60])
+    (tmp_path / "outside.png").write_bytes((root / "ok.png").read_bytes())
+    os.symlink(tmp_path / "outside.png", root / "link.png")
+    lines = [
+        json.dumps(_record("a")),  # 1 fine
+        '{"id": "b", "source": ',  # 2 bad JSON
+        json.dumps({"id": "c", "conversations": [_turn(["ok.png"])]}),  # 3 missing source
+        json.dumps({"id": "d", "source": "t", "conversations": [_turn("ok.png")]}),  # 4 images not a list
+        json.dumps(_record("e", ["missing.png"])),  # 5 missing image
+        json.dumps(_record("f", ["corrupt.png"])),  # 6 corrupt image
+        json.dumps(_record("g", ["../outside.png"])),  # 7 escapes the root
+        json.dumps(_record("h", ["/etc/passwd"])),  # 8 absolute
+        json.dumps(_record("i", ["ok.png"], user="<|image_1|> and <|image_2|>")),  # 9 tags do not match
+        json.dumps(_record("j", assistant="  ")),  # 10 empty answer
+        json.dumps(_record("a", ["big.png"])),  # 11 duplicate id
+        json.dumps(_record("k", ["link.png"])),  # 12 symlink out of the root
+        json.dumps(_record("l", ["ok.png", "big.png"], user="Two: <|image_2|> <|image_1|>")),  # 13 fine
+    ]
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path, root
+
+
+EXPECTED = {
+    2: "invalid JSON",
+    3: "source: missing",
+    4: "conversations[0].images: expected a list",
+    5: "image file not found",
+    6: "cannot read image",
+    7: "escapes the image root",
+    8: "is absolute",
+    9: "image tags ['<|image_1|>', '<|image_2|>'] do not match its 1 image(s)",
+    10: "conversations[0].assistant: empty answer",
+    11: "duplicate id 'a' (first on line 1)",
+    12: "resolves outside the image root",
+}
+
+
+def test_every_defect_is_reported_at_its_line(data):
+    path, root = data
+    report = check_file(path, root, Phi3VProcessor.tiny(num_crops=4), max_length=60, progress=False)
+    by_line = {}
+    for problem in report.problems:
+        location, message = problem.split(": ", 1)
+        assert location.startswith(f"{path}:")
+        by_line.setdefault(int(location.rsplit(":", 1)[1]), []).append(message)
+    assert set(by_line) == set(EXPECTED)
+    for line, expected in EXPECTED.items():
+        assert any(expected in message for message in by_line[line]), (line, by_line[line])
+    assert report.samples == 2 and report.images_per_sample == {1: 1, 2: 1}
+    assert len(report.token_lengths) == 2 and report.truncated == sum(n > 60 for n in report.token_lengths)
+
+
+def test_cli_exits_non_zero_and_prints_statistics(data, capsys):
+    path, root = data
+    assert main(["data", "check", str(path), "--image-root", str(root), "--preset", "tiny", "--max-length", "60"]) == 1
+    out = capsys.readouterr().out
+    assert f"{path}:6: " in out and "2 valid sample(s), 11 problem(s)" in out and "tokens per sample" in out
+
+
+def test_a_clean_file_passes(data, tmp_path, capsys):
+    _, root = data
+    clean = tmp_path / "clean.jsonl"
+    clean.write_text(json.dumps(_record("x")) + "\n" + json.dumps(_record("y", ["big.png"])) + "\n")
+    assert main(["data", "check", str(clean), "--image-root", str(root), "--num-crops", "4"]) == 0
+    assert "0 problem(s)" in capsys.readouterr().out
+
+
+def test_dataset_opens_images_lazily_and_names_bad_lines(data, tmp_path):
+    path, root = data
+    with pytest.raises(DataError, match=rf"{path}:2: invalid JSON"):
+        read_records(path)
+    good = tmp_path / "good.jsonl"
+    good.write_text("\n".join(json.dumps(_record(r, imgs)) for r, imgs in [("x", ["ok.png"]), ("y", ["big.png"])]))
+    dataset = JsonlDataset(good, root)
+    item = dataset[1]
+    assert isinstance(item, Conversation) and item.turns[0].images[0].size == (30, 30)
+    encoded = JsonlDataset(good, root, processor=Phi3VProcessor.tiny())
+    assert isinstance(encoded[0], Sample) and encoded[0].pixel_values.shape[0] == 1
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps(_record("z", ["ok.png"], user="<|image_1|>")) + "\n")
+    short = JsonlDataset(broken, root, processor=Phi3VProcessor.tiny(), max_length=5)
+    with pytest.raises(DataError, match=rf"{broken}:1 \(id z\): a sample of \d+ tokens cut at max_length 5"):
+        short[0]
