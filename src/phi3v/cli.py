@@ -108,6 +108,17 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0 if check_written(written, args.out, args.num_crops) else 1
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from phi3v.train.config import load_config
+    from phi3v.train.loop import train
+
+    config = load_config(args.config, args.overrides)
+    summary = train(config)
+    if "final" in summary:
+        print(f"trained {summary['steps']} steps; final loss {summary['losses'][-1]:.4f}; saved to {summary['final']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from phi3v import PRESETS, __version__
 
@@ -133,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--path", help="checkpoint directory")
     info.add_argument("--keys", action="store_true", help="also list every key and shape")
     info.set_defaults(func=_cmd_model_info)
+
+    train = sub.add_parser("train", help="fine-tune: phi3v train CONFIG.yaml [key=value ...]")
+    train.add_argument("config", nargs="?", default=None, help="YAML config (see configs/)")
+    train.add_argument("overrides", nargs="*", help="key=value settings that override the file")
+    train.set_defaults(func=_cmd_train)
 
     data = sub.add_parser("data", help="check data files").add_subparsers(dest="action", required=True)
     check = data.add_parser("check", help="report every problem of a jsonl file (file:line) and statistics")
@@ -163,12 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``phi3v`` command."""
+    from phi3v.train.loop import TrainingError
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("transformers").setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:  # our errors name the file, line or value
+    except (ValueError, FileNotFoundError, TrainingError) as err:  # our errors name the file, line or value
         print(f"phi3v: error: {err}", file=sys.stderr)
         return 2
 

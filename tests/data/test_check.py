@@ -109,3 +109,25 @@ def test_dataset_opens_images_lazily_and_names_bad_lines(data, tmp_path):
     short = JsonlDataset(broken, root, processor=Phi3VProcessor.tiny(), max_length=5)
     with pytest.raises(DataError, match=rf"{broken}:1 \(id z\): a sample of \d+ tokens cut at max_length 5"):
         short[0]
+
+
+def test_damaged_files_and_roots_are_reported_not_crashed_on(tmp_path):
+    processor = Phi3VProcessor.tiny(num_crops=4)
+    report = check_file(tmp_path, tmp_path, processor, progress=False)
+    assert report.problems == [f"{tmp_path}: not a file"]
+    path = tmp_path / "d.jsonl"
+    bad = json.dumps(_record("x", assistant=""))
+    path.write_bytes(json.dumps(_record("x")).encode() + b"\n" + b'{"id": "\xff"}\n' + bad.encode() + b"\n")
+    report = check_file(path, tmp_path / "no-such-root", processor, progress=False)
+    messages = "\n".join(report.problems)
+    assert "no-such-root: image root is not a directory" in messages
+    assert f"{path}:2: not UTF-8" in messages
+    assert f"{path}:3: conversations[0].assistant: empty answer" in messages
+    assert f"{path}:3: duplicate id 'x' (first on line 1)" in messages
+
+
+def test_dataset_names_the_line_of_a_missing_image(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(_record("x", ["gone.png"])) + "\n")
+    with pytest.raises(DataError, match=rf"{path}:1 \(id x\): .*gone\.png: image file not found"):
+        JsonlDataset(path, tmp_path)[0]

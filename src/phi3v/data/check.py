@@ -91,13 +91,21 @@ def check_file(
     """
     path, image_root = Path(path), Path(image_root)
     report = CheckReport(path, max_length=max_length)
-    if not image_root.is_dir():
-        report.problems.append(f"{image_root}: image root is not a directory")
+    if not path.is_file():
+        report.problems.append(f"{path}: not a file")
         return report
+    root_ok = image_root.is_dir()
+    if not root_ok:
+        report.problems.append(f"{image_root}: image root is not a directory (images are not checked)")
     records: list[Record] = []
     first_line: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
-        for number, text in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                report.problems.append(f"{path}:{number}: not UTF-8 ({err.reason} at byte {err.start})")
+                continue
             if not text.strip():
                 continue
             try:
@@ -107,28 +115,33 @@ def check_file(
                 continue
             record, problems = parse_record(obj, number)
             report.problems += [f"{path}:{number}: {p}" for p in problems]
-            if record is None:
-                continue
-            if record.id in first_line:
-                report.problems.append(
-                    f"{path}:{number}: duplicate id {record.id!r} (first on line {first_line[record.id]})"
-                )
-                continue
-            first_line[record.id] = number
-            records.append(record)
+            record_id = str(obj["id"]) if isinstance(obj, dict) and "id" in obj else None
+            if record_id is not None:
+                if record_id in first_line:
+                    report.problems.append(
+                        f"{path}:{number}: duplicate id {record_id!r} (first on line {first_line[record_id]})"
+                    )
+                    continue
+                first_line[record_id] = number
+            if record is not None:
+                records.append(record)
+    if not root_ok:
+        report.samples = len(records)
+        report.problems.sort(key=_line_of)
+        return report
 
     # Decode every distinct image once.
     sizes: dict[str, tuple[int, int] | str] = {}
     distinct = sorted({p for r in records for p in r.image_paths})
 
     def inspect(relative: str) -> tuple[str, tuple[int, int] | str]:
-        full, escape = _resolve(image_root, relative)
-        if escape:
-            return relative, escape
         try:
+            full, escape = _resolve(image_root, relative)
+            if escape:
+                return relative, escape
             return relative, load_image(full).size
-        except ImageError as err:
-            return relative, str(err)
+        except (ImageError, ValueError, OSError) as err:  # e.g. a NUL byte in the path
+            return relative, f"image {relative!r}: {err}"
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = pool.map(inspect, distinct)
@@ -146,4 +159,12 @@ def check_file(
         report.samples += 1
         report.images_per_sample[len(record.image_paths)] += 1
         report.token_lengths.append(length)
+    report.problems.sort(key=_line_of)
     return report
+
+
+def _line_of(problem: str) -> int:
+    """The line number of a ``file:line: message`` problem (0 for file-level problems)."""
+    location = problem.split(": ", 1)[0]
+    tail = location.rsplit(":", 1)[-1]
+    return int(tail) if tail.isdigit() else 0

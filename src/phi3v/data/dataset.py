@@ -90,11 +90,11 @@ class JsonlDataset(Dataset):
         return conversation
 
     def __getitem__(self, index: int) -> Sample | Conversation | None:
-        conversation = self.conversation(index)
-        if self.processor is None:
-            return conversation
         record = self.records[index]
         try:
+            conversation = self.conversation(index)
+            if self.processor is None:
+                return conversation
             return self.processor.encode(conversation, max_length=self.max_length, on_overflow=self.on_overflow)
-        except ValueError as err:
+        except ValueError as err:  # ImageError, TruncationError, tag problems
             raise DataError(f"{self.path}:{record.line} (id {record.id}): {err}") from err

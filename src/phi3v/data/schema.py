@@ -19,6 +19,7 @@ One JSON object per line::
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -72,7 +73,7 @@ class Record:
 def check_image_path(path: str) -> str | None:
     """Why an image path is not allowed (absolute, or escaping the image root), or ``None``."""
     pure = PurePosixPath(path.replace("\\", "/"))
-    if pure.is_absolute() or (len(path) > 1 and path[1] == ":"):
+    if pure.is_absolute() or re.match(r"[A-Za-z]:[\\/]", path):  # a POSIX root or a Windows drive
         return f"image path {path!r} is absolute; paths must be relative to the image root"
     depth = 0
     for part in pure.parts:

@@ -177,7 +177,11 @@ class Phi3ImageEmbedding(nn.Module):
         # Only real crops go through CLIP: [sum(used), 3, S, S]
         slot_ids = torch.arange(slots, device=pixel_values.device)
         keep = slot_ids[None, :] < torch.tensor(used, device=pixel_values.device)[:, None]  # [n, C+1]
-        feats = self._merge_2x2(self.img_processor(pixel_values[keep]))  # [sum(used), g, g, 4D]
+        # A frozen tower (frozen_vision, or LoRA without vision adapters) runs without autograd: no activations kept.
+        tower_trains = torch.is_grad_enabled() and any(p.requires_grad for p in self.img_processor.parameters())
+        with torch.set_grad_enabled(tower_trains):
+            patches = self.img_processor(pixel_values[keep])  # [sum(used), P*P, D]
+        feats = self._merge_2x2(patches)  # [sum(used), g, g, 4D]
 
         g = self.grid
         pieces = []

@@ -28,11 +28,13 @@ def test_llava_json_tags_become_per_turn_image_tags(tmp_path):
     (tmp_path / "llava.json").write_text(json.dumps(items))
     convert("llava", tmp_path / "out", ["--src", str(tmp_path / "llava.json"), "--image-folder", str(folder)])
     one, two, three = read_jsonl(tmp_path / "out" / "llava_train.jsonl")
-    assert one["conversations"][0] == {"images": ["a.png"], "user": "<|image_1|>\nDescribe.", "assistant": "A square."}
+    assert one["conversations"][0] == {
+        "images": ["llava/a.png"], "user": "<|image_1|>\nDescribe.", "assistant": "A square."
+    }  # fmt: skip
     assert one["conversations"][1]["images"] == []
     assert two["conversations"][0]["user"] == "Compare <|image_1|> with <|image_2|>."
-    assert three["conversations"][0]["images"] == ["a.png"]
-    assert (tmp_path / "out" / "images" / "c.png").read_bytes() == png_bytes()
+    assert three["conversations"][0]["images"] == ["llava/a.png"]
+    assert (tmp_path / "out" / "images" / "llava" / "c.png").read_bytes() == png_bytes()
 
 
 def test_llava_tag_count_mismatch_names_the_record_and_writes_nothing(tmp_path):
@@ -103,7 +105,7 @@ def test_a_converter_killed_midway_leaves_nothing_and_a_rerun_completes(tmp_path
     command = [sys.executable, "-m", "phi3v", "convert", "llava", "--src", str(tmp_path / "l.json"),
                "--image-folder", str(folder), "--out", str(out)]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    stage = out / ".staging-llava" / "images"
+    stage = out / ".staging-llava" / "images" / "llava"
     deadline = time.monotonic() + 120
     while process.poll() is None and time.monotonic() < deadline:
         if stage.exists() and len(list(stage.iterdir())) >= 5:
@@ -117,4 +119,28 @@ def test_a_converter_killed_midway_leaves_nothing_and_a_rerun_completes(tmp_path
     (folder / "5.png").write_bytes(png_bytes())
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert sorted(p.name for p in out.iterdir()) == ["images", "llava_train.jsonl"]
-    assert len(read_jsonl(out / "llava_train.jsonl")) == 6 and len(list((out / "images").iterdir())) == 6
+    assert len(read_jsonl(out / "llava_train.jsonl")) == 6 and len(list((out / "images" / "llava").iterdir())) == 6
+
+
+def test_records_are_checked_before_anything_is_published(tmp_path):
+    (tmp_path / "a.png").write_bytes(png_bytes())
+    talk = [{"from": "human", "value": "<image> what?"}, {"from": "gpt", "value": "  "}]
+    (tmp_path / "l.json").write_text(json.dumps([{"id": "x", "image": "a.png", "conversations": talk}]))
+    with pytest.raises(
+        ConversionError, match=r"record 'x' for llava_train\.jsonl: conversations\[0\]\.assistant: empty"
+    ):
+        convert("llava", tmp_path / "out", ["--src", str(tmp_path / "l.json"), "--image-folder", str(tmp_path)])
+    talk[1]["value"] = "fine"
+    (tmp_path / "l.json").write_text(json.dumps([{"id": "x", "image": "a.png", "conversations": talk}] * 2))
+    with pytest.raises(ConversionError, match=r"record id 'x' occurs twice in llava_train\.jsonl"):
+        convert("llava", tmp_path / "out", ["--src", str(tmp_path / "l.json"), "--image-folder", str(tmp_path)])
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_rerun_without_a_split_removes_the_stale_file(tmp_path, capsys):
+    _folder(tmp_path / "src")
+    convert("image_folder", tmp_path / "out", ["--src", str(tmp_path / "src")])
+    assert (tmp_path / "out" / "image_folder_test.jsonl").exists()
+    convert("image_folder", tmp_path / "out", ["--src", str(tmp_path / "src"), "--test-fraction", "0"])
+    assert not (tmp_path / "out" / "image_folder_test.jsonl").exists()
+    assert "image_folder_test.jsonl (left by an earlier run" in capsys.readouterr().out

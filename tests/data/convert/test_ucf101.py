@@ -77,3 +77,18 @@ def test_an_undecodable_video_is_named(tmp_path):
     with pytest.raises(ConversionError, match=r"broken\.avi: cannot decode video"):
         convert("ucf101", tmp_path / "out", ["--src", str(tmp_path / "src")])
     assert not list((tmp_path / "out").glob("*.jsonl")) and not (tmp_path / "out" / ".staging-ucf101").exists()
+
+
+def test_frame_counts_that_do_not_divide_evenly(tmp_path):
+    """17 frames, 7 wanted: floor(k * 17 / 7) = 0 2 4 7 9 12 14 (the reference's arange adds an 8th index)."""
+    from PIL import Image
+
+    write_video(tmp_path / "src" / "train" / "Archery" / "clip.avi", frames=12)
+    convert("ucf101", tmp_path / "out", ["--src", str(tmp_path / "src"), "--frames", "7"])
+    images = read_jsonl(tmp_path / "out" / "ucf101_train.jsonl")[0]["conversations"][0]["images"]
+    levels = [Image.open(tmp_path / "out" / "images" / p).convert("L").getpixel((16, 16)) for p in images]
+    assert [round(level / 20) for level in levels] == [k * 12 // 7 for k in range(7)]
+    with pytest.raises(ConversionError, match="--frames 0"):
+        convert("ucf101", tmp_path / "out", ["--src", str(tmp_path / "src"), "--frames", "0"])
+    with pytest.raises(ConversionError, match="12 frames, fewer than the 20 to sample"):
+        convert("ucf101", tmp_path / "out", ["--src", str(tmp_path / "src"), "--frames", "20"])

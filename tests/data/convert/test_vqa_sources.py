@@ -67,7 +67,7 @@ def test_docvqa_original_release(tmp_path, capsys):
     convert("docvqa", tmp_path / "out", ["--src", str(src)])
     record = read_jsonl(tmp_path / "out" / "docvqa_train.jsonl")[0]
     assert record["id"] == "train-7" and record["references"] == ["A title", "title"]
-    assert record["conversations"][0]["images"] == ["train/documents/doc1.png"]
+    assert record["conversations"][0]["images"] == ["docvqa/train/documents/doc1.png"]
     assert not (tmp_path / "out" / "docvqa_test.jsonl").exists()
     assert "1 question(s) without answers left out" in capsys.readouterr().out
 
@@ -119,5 +119,42 @@ def test_nlvr2_original_release_finds_left_and_right_images(tmp_path):
                                                 "label": "True"}) + "\n")  # fmt: skip
     convert("nlvr2", tmp_path / "out", ["--src", str(src)])
     record = read_jsonl(tmp_path / "out" / "nlvr2_train.jsonl")[0]
-    assert record["conversations"][0]["images"] == ["train/train-10171-0-img0.png", "train/train-10171-0-img1.png"]
+    assert record["conversations"][0]["images"] == [
+        "nlvr2/train/train-10171-0-img0.png", "nlvr2/train/train-10171-0-img1.png"
+    ]  # fmt: skip
     assert record["conversations"][0]["assistant"] == "true" and '"Two dogs."' in record["conversations"][0]["user"]
+
+
+def test_split_of_hf_cache_files_and_unknown_names(tmp_path):
+    from phi3v.data.convert.hf import _split_of
+
+    root = tmp_path
+    assert _split_of(root / "parquet-test.arrow", root) == "test"
+    assert _split_of(root / "data" / "validation-00000-of-00001.parquet", root) == "val"
+    assert _split_of(root / "train" / "part.parquet", root) == "train"
+    with pytest.raises(ConversionError, match=r"data\.parquet: cannot tell which split"):
+        _split_of(root / "data.parquet", root)
+
+
+def test_two_datasets_in_one_output_folder_keep_their_images(tmp_path):
+    datasets.DatasetDict({"train": _cauldron([(1, [("Q", "A")])])}).save_to_disk(tmp_path / "doc")
+    memes = _cauldron([(1, [("Hateful?", "no")])])
+    memes = memes.cast_column("images", memes.features["images"])
+    datasets.DatasetDict({"train": memes}).save_to_disk(tmp_path / "memes")
+    convert("docvqa", tmp_path / "out", ["--src", str(tmp_path / "doc"), "--val-size", "0"])
+    convert("hateful_memes", tmp_path / "out", ["--src", str(tmp_path / "memes"), "--val-size", "0"])
+    doc = read_jsonl(tmp_path / "out" / "docvqa_train.jsonl")[0]["conversations"][0]["images"][0]
+    meme = read_jsonl(tmp_path / "out" / "hateful_memes_train.jsonl")[0]["conversations"][0]["images"][0]
+    assert doc.startswith("docvqa/") and meme.startswith("hateful_memes/") and doc != meme
+
+
+def test_original_release_paths_may_not_escape(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "train.jsonl").write_text(json.dumps({"id": 1, "img": "../../x.png", "label": 1, "text": "t"}))
+    with pytest.raises(ConversionError, match=r"train\.jsonl:1: image path '\.\./\.\./x\.png' escapes"):
+        convert("hateful_memes", tmp_path / "out", ["--src", str(src)])
+    (src / "train.jsonl").write_text(json.dumps({"id": 1, "label": 1, "text": "t"}))
+    with pytest.raises(ConversionError, match=r"train\.jsonl:1: field 'img' is missing"):
+        convert("hateful_memes", tmp_path / "out", ["--src", str(src)])
+    assert not list((tmp_path / "out").glob("*"))

@@ -18,7 +18,7 @@ from typing import Any
 
 from PIL import Image
 
-from phi3v.data.schema import Record
+from phi3v.data.schema import Record, check_image_path, parse_record
 from phi3v.processing.chat import Turn
 
 SPLITS = ("train", "val", "test")
@@ -43,8 +43,13 @@ class StagedOutput:
         self.name = name
         self.stage = self.out_dir / f".staging-{name}"
         self.counts: Counter = Counter()
-        self.images_written = 0
+        self._images: set[str] = set()
+        self._ids: dict[str, set[str]] = {}
         self._files: dict[str, Any] = {}
+
+    @property
+    def images_written(self) -> int:
+        return len(self._images)
 
     def __enter__(self) -> StagedOutput:
         if self.stage.exists():  # left by an interrupted run
@@ -60,9 +65,11 @@ class StagedOutput:
 
     def image_file(self, relative: str) -> Path:
         """Where to write the image that will live at ``OUT/images/{relative}``."""
+        if reason := check_image_path(relative):
+            raise ConversionError(reason)
         path = self.stage / "images" / relative
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.images_written += 1
+        self._images.add(relative)
         return path
 
     def save_image(self, relative: str, image: Image.Image | bytes) -> str:
@@ -79,6 +86,14 @@ class StagedOutput:
         if split not in SPLITS:
             raise ValueError(f"split {split!r} is not one of {SPLITS}")
         file = f"{dataset or self.name}_{split}.jsonl"
+        # Nothing that `phi3v data check` would reject is ever published: check before writing.
+        _, problems = parse_record(record.to_json())
+        if problems:
+            raise ConversionError(f"record {record.id!r} for {file}: " + "; ".join(problems))
+        ids = self._ids.setdefault(file, set())
+        if record.id in ids:
+            raise ConversionError(f"record id {record.id!r} occurs twice in {file}")
+        ids.add(record.id)
         if file not in self._files:
             self._files[file] = open(self.stage / file, "w", encoding="utf-8")  # noqa: SIM115
         self._files[file].write(json.dumps(record.to_json(), ensure_ascii=False) + "\n")
@@ -102,6 +117,14 @@ class StagedOutput:
         for staged in sorted(self.stage.glob("*.json*")):
             written.append(self.out_dir / staged.name)
             os.replace(staged, written[-1])
+        # Split files of an earlier run of this dataset that this run did not write would be mistaken for its own.
+        names = {self.name, *(f.name.rsplit("_", 1)[0] for f in written if f.suffix == ".jsonl")}
+        for name in names:
+            for split in SPLITS:
+                stale = self.out_dir / f"{name}_{split}.jsonl"
+                if stale.exists() and stale not in written:
+                    stale.unlink()
+                    print(f"removed {stale} (left by an earlier run; this run wrote no {split} split)")
         shutil.rmtree(self.stage)
         return written
 
@@ -119,6 +142,24 @@ def image_extension(data: bytes) -> str:
     with Image.open(io.BytesIO(data)) as image:
         fmt = (image.format or "png").lower()
     return {"jpeg": ".jpg", "tiff": ".tif"}.get(fmt, f".{fmt}")
+
+
+def require(row: Any, key: str, where: str) -> Any:
+    """``row[key]``, or a ``ConversionError`` naming the row and the missing field."""
+    if not isinstance(row, dict):
+        raise ConversionError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if key not in row or row[key] is None:
+        raise ConversionError(f"{where}: field {key!r} is missing")
+    return row[key]
+
+
+def safe_relative(path: Any, where: str) -> str:
+    """A source-relative path after the same checks as image paths of the format (no absolute, no ``..``)."""
+    if not isinstance(path, str) or not path:
+        raise ConversionError(f"{where}: expected a relative file path, got {path!r}")
+    if reason := check_image_path(path):
+        raise ConversionError(f"{where}: {reason}")
+    return path
 
 
 def single_turn(record_id: str, source: str, images: list[str], user: str, answer: str, references=None) -> Record:

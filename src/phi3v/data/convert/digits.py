@@ -62,6 +62,8 @@ def convert(args: argparse.Namespace, out: StagedOutput) -> None:
                 if same
                 else [j for j in indices if targets[j] != targets[i]]
             )
+            if not pool:
+                raise ConversionError(f"the {split} split ({len(indices)} scans) is too small for digit pairs")
             j = rng.choice(pool)
             record = single_turn(f"{split}-pair-{n:04d}", "digits", [paths[i], paths[j]], pair.prompt(),
                                  "yes" if same else "no")  # fmt: skip

@@ -19,7 +19,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from phi3v.data.convert import hf
-from phi3v.data.convert.common import ConversionError, StagedOutput, image_extension, single_turn
+from phi3v.data.convert.common import (
+    ConversionError,
+    StagedOutput,
+    image_extension,
+    require,
+    safe_relative,
+    single_turn,
+)
 from phi3v.tasks import get_task
 
 
@@ -40,16 +47,16 @@ def convert(args: argparse.Namespace, out: StagedOutput) -> None:
             for row_index, row in enumerate(tqdm(dataset, desc=split, unit="doc")):
                 target = "val" if split == "train" and row_index < args.val_size else split
                 image = hf.image_bytes(row["images"][0], f"{src} {split} row {row_index}")
-                path = out.save_image(f"{target}/{row_index:07d}{image_extension(image)}", image)
+                path = out.save_image(f"{out.name}/{split}/{row_index:07d}{image_extension(image)}", image)
                 for q, text in enumerate(row["texts"]):
-                    record = single_turn(f"{target}-{row_index:07d}-{q}", "docvqa", [path], text["user"],
+                    record = single_turn(f"{split}-{row_index:07d}-{q}", "docvqa", [path], text["user"],
                                          text["assistant"])  # fmt: skip
                     out.add(target, record)
         elif {"image", "query", "answers"} <= set(dataset.column_names):
             dataset = hf.undecoded(dataset, "image")
             for row_index, row in enumerate(tqdm(dataset, desc=split, unit="q")):
                 image = hf.image_bytes(row["image"], f"{src} {split} row {row_index}")
-                path = out.save_image(f"{split}/{row_index:07d}{image_extension(image)}", image)
+                path = out.save_image(f"{out.name}/{split}/{row_index:07d}{image_extension(image)}", image)
                 query = row["query"]
                 question = query.get("en") if isinstance(query, dict) else query
                 answers = [a for a in row["answers"] if a.strip()]
@@ -74,16 +81,19 @@ def _convert_original(files: list[Path], out: StagedOutput) -> None:
             raise ConversionError(f"{file}: no 'data' list")
         unanswered = 0
         for n, entry in enumerate(tqdm(entries, desc=split, unit="q")):
-            answers = [a for a in entry.get("answers") or [] if str(a).strip()]
+            where = f"{file} data[{n}]"
+            answers = [str(a) for a in require(entry, "question", where) and (entry.get("answers") or [])
+                       if str(a).strip()]  # fmt: skip
             if not answers:
                 unanswered += 1
                 continue
-            source = file.parent / entry["image"]
+            relative = safe_relative(require(entry, "image", where), where)
+            source = file.parent / relative
             if source not in copied:
                 if not source.exists():
-                    raise ConversionError(f"{file} entry {n}: image {source} not found")
-                copied[source] = out.save_image(f"{split}/{entry['image']}", source.read_bytes())
-            record = single_turn(f"{split}-{entry['questionId']}", "docvqa", [copied[source]],
+                    raise ConversionError(f"{where}: image {source} not found")
+                copied[source] = out.save_image(f"{out.name}/{split}/{relative}", source.read_bytes())
+            record = single_turn(f"{split}-{require(entry, 'questionId', where)}", "docvqa", [copied[source]],
                                  task.prompt(entry["question"]), answers[0], answers)  # fmt: skip
             out.add(split, record)
         if unanswered:

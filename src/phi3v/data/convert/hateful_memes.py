@@ -15,7 +15,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from phi3v.data.convert import hf
-from phi3v.data.convert.common import ConversionError, StagedOutput, image_extension, single_turn
+from phi3v.data.convert.common import (
+    ConversionError,
+    StagedOutput,
+    image_extension,
+    require,
+    safe_relative,
+    single_turn,
+)
 from phi3v.tasks import get_task
 
 
@@ -43,9 +50,9 @@ def convert(args: argparse.Namespace, out: StagedOutput) -> None:
         for row_index, row in enumerate(tqdm(dataset, desc=split, unit="meme")):
             target = "val" if split == "train" and row_index < args.val_size else split
             image = hf.image_bytes(row["images"][0], f"{src} {split} row {row_index}")
-            path = out.save_image(f"{target}/{row_index:07d}{image_extension(image)}", image)
+            path = out.save_image(f"{out.name}/{split}/{row_index:07d}{image_extension(image)}", image)
             text = row["texts"][0]
-            out.add(target, single_turn(f"{target}-{row_index:07d}", "hateful_memes", [path], text["user"],
+            out.add(target, single_turn(f"{split}-{row_index:07d}", "hateful_memes", [path], text["user"],
                                         text["assistant"]))  # fmt: skip
 
 
@@ -62,15 +69,21 @@ def _convert_original(files: list[Path], out: StagedOutput) -> None:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ConversionError(f"{file}:{number}: invalid JSON ({err.msg})") from err
-            if "label" not in row:
+            where = f"{file}:{number}"
+            if isinstance(row, dict) and row.get("label") is None:
                 unlabelled += 1
                 continue
-            image = file.parent / row["img"]
+            relative = safe_relative(require(row, "img", where), where)
+            image = file.parent / relative
             if not image.exists():
-                raise ConversionError(f"{file}:{number}: image {image} not found")
-            path = out.save_image(f"{split}/{row['img']}", image.read_bytes())
+                raise ConversionError(f"{where}: image {image} not found")
+            path = out.save_image(f"{out.name}/{relative}", image.read_bytes())
+            if row["label"] not in (0, 1, "0", "1"):
+                raise ConversionError(f"{where}: label {row['label']!r} is not 0 or 1")
             answer = "yes" if int(row["label"]) == 1 else "no"
-            out.add(split, single_turn(f"{split}-{row['id']}", "hateful_memes", [path], task.prompt(row["text"]),
+            # dev_seen and dev_unseen share ids: the file name keeps them apart
+            record_id = f"{file.stem}-{require(row, 'id', where)}"
+            out.add(split, single_turn(record_id, "hateful_memes", [path], task.prompt(require(row, "text", where)),
                                        answer))  # fmt: skip
         if unlabelled:
             print(f"{file.name}: {unlabelled} row(s) without a label left out")

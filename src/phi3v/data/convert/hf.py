@@ -6,6 +6,7 @@ Images are read as their encoded bytes (no decode and re-encode), so they are co
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +16,19 @@ _SPLIT_NAMES = {"train": "train", "validation": "val", "valid": "val", "val": "v
 
 
 def _split_of(path: Path, root: Path) -> str:
-    for part in [*path.relative_to(root).parts[:-1], path.name]:
-        for word, split in _SPLIT_NAMES.items():
-            if part == word or part.startswith((f"{word}-", f"{word}_", f"{word}.")):
-                return split
-    return "train"
+    """The split a data file belongs to, from a ``train``/``validation``/``test`` word in its path.
+
+    Raises:
+        ConversionError: when no part of the path names a split (a guess could mix test data into training).
+    """
+    for part in reversed([*path.relative_to(root).parts[:-1], path.name]):
+        for word in re.split(r"[-_.]", part):
+            if word in _SPLIT_NAMES:
+                return _SPLIT_NAMES[word]
+    raise ConversionError(
+        f"{path}: cannot tell which split this file holds; name it train-*, validation-* or test-* "
+        "(or put it in a train/, validation/ or test/ folder)"
+    )
 
 
 def load_splits(src: str | Path) -> dict[str, Any]:

@@ -38,6 +38,8 @@ def _classes(folder: Path) -> dict[str, list[Path]]:
 
 def convert(args: argparse.Namespace, out: StagedOutput) -> None:
     root = Path(args.src)
+    if not root.is_dir():
+        raise ConversionError(f"{root}: not a directory (expected {root}/<class>/*.jpg)")
     if set(SPLITS) & {d.name for d in root.iterdir() if d.is_dir()}:
         layout = {split: _classes(root / split) for split in SPLITS if (root / split).is_dir()}
     else:
@@ -66,7 +68,7 @@ def convert(args: argparse.Namespace, out: StagedOutput) -> None:
                     raise
                 skipped += 1
                 continue
-            relative = f"{split}/{name}/{file.name}"
+            relative = f"{out.name}/{split}/{name}/{file.name}"
             shutil.copyfile(file, out.image_file(relative))
             out.add(split, single_turn(f"{split}-{n:08d}", out.name, [relative], prompt, name))
     out.add_json(f"{out.name}_meta.json", {"task": task.name, "labels": classes, "skipped_unreadable": skipped})

@@ -56,6 +56,8 @@ def to_record(item: dict, index: int, where: str) -> Record:
     turns, next_image = [], 0
     for k in range(0, len(messages), 2):
         human, gpt = messages[k], messages[k + 1]
+        if not isinstance(human, dict) or not isinstance(gpt, dict):
+            raise ConversionError(f"{where}: turn {k // 2 + 1}: messages must be objects with 'from' and 'value'")
         if human.get("from") not in HUMAN or gpt.get("from") not in GPT:
             raise ConversionError(
                 f"{where}: turn {k // 2 + 1} is {human.get('from')!r}/{gpt.get('from')!r}, expected human/gpt"
@@ -82,15 +84,20 @@ def convert(args: argparse.Namespace, out: StagedOutput) -> None:
     copied: set[str] = set()
     for index, item in enumerate(tqdm(items, desc="records", unit="rec")):
         where = f"{src} record {index}"
+        if not isinstance(item, dict):
+            raise ConversionError(f"{where}: expected an object, got {type(item).__name__}")
         record = to_record(item, index, where)
-        for path in record.image_paths:
-            if reason := check_image_path(path):
-                raise ConversionError(f"{where}: {reason}")
-            if path not in copied:
-                try:
-                    load_image(folder / path)
-                except ImageError as err:
-                    raise ConversionError(f"{where}: {err}") from err
-                shutil.copyfile(folder / path, out.image_file(path))
-                copied.add(path)
+        for turn in record.turns:
+            for k, path in enumerate(turn.images):
+                if reason := check_image_path(path):
+                    raise ConversionError(f"{where}: {reason}")
+                relative = f"{out.name}/{path}"
+                if relative not in copied:
+                    try:
+                        load_image(folder / path)
+                    except ImageError as err:
+                        raise ConversionError(f"{where}: {err}") from err
+                    shutil.copyfile(folder / path, out.image_file(relative))
+                    copied.add(relative)
+                turn.images[k] = relative
         out.add("val" if index in val else "train", record)

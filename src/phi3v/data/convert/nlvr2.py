@@ -17,7 +17,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from phi3v.data.convert import hf
-from phi3v.data.convert.common import ConversionError, StagedOutput, image_extension, single_turn
+from phi3v.data.convert.common import ConversionError, StagedOutput, image_extension, require, single_turn
 from phi3v.data.schema import Record
 from phi3v.processing.chat import Turn
 from phi3v.tasks import get_task
@@ -48,10 +48,12 @@ def convert(args: argparse.Namespace, out: StagedOutput) -> None:
             paths = []
             for k, cell in enumerate(row["images"]):
                 image = hf.image_bytes(cell, where)
-                paths.append(out.save_image(f"{target}/{row_index:07d}-img{k}{image_extension(image)}", image))
+                paths.append(
+                    out.save_image(f"{out.name}/{split}/{row_index:07d}-img{k}{image_extension(image)}", image)
+                )
             turns = [Turn(t["user"], [], t["assistant"]) for t in row["texts"]]
             turns[0].images = paths
-            out.add(target, Record(f"{target}-{row_index:07d}", "nlvr2", turns, [turns[-1].assistant]))
+            out.add(target, Record(f"{split}-{row_index:07d}", "nlvr2", turns, [turns[-1].assistant]))
 
 
 def _convert_original(files: list[Path], image_dir: Path, out: StagedOutput) -> None:
@@ -59,6 +61,7 @@ def _convert_original(files: list[Path], image_dir: Path, out: StagedOutput) -> 
         raise ConversionError(f"{image_dir}: image folder not found (pass --image-dir)")
     by_name = {p.name: p for p in image_dir.rglob("*.png")}
     task = get_task("nlvr2")
+    copied: set[str] = set()
     for file in files:
         split = _ORIGINAL[file.name]
         lines = file.read_text(encoding="utf-8").splitlines()
@@ -69,15 +72,22 @@ def _convert_original(files: list[Path], image_dir: Path, out: StagedOutput) -> 
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ConversionError(f"{file}:{number}: invalid JSON ({err.msg})") from err
-            stem = row["identifier"].rsplit("-", 1)[0]
+            where = f"{file}:{number}"
+            identifier = str(require(row, "identifier", where))
+            stem = identifier.rsplit("-", 1)[0]
             paths = []
             for k in (0, 1):
                 name = f"{stem}-img{k}.png"
                 if name not in by_name:
-                    raise ConversionError(f"{file}:{number}: image {name} not found under {image_dir}")
-                paths.append(out.save_image(f"{split}/{name}", by_name[name].read_bytes()))
-            answer = str(row["label"]).strip().lower()
+                    raise ConversionError(f"{where}: image {name} not found under {image_dir}")
+                relative = f"{out.name}/{split}/{name}"
+                if relative not in copied:  # several statements share one image pair
+                    out.save_image(relative, by_name[name].read_bytes())
+                    copied.add(relative)
+                paths.append(relative)
+            answer = str(require(row, "label", where)).strip().lower()
             if answer not in ("true", "false"):
-                raise ConversionError(f"{file}:{number}: label {row['label']!r} is not True/False")
-            record = single_turn(f"{split}-{row['identifier']}", "nlvr2", paths, task.prompt(row["sentence"]), answer)
+                raise ConversionError(f"{where}: label {row['label']!r} is not True/False")
+            sentence = require(row, "sentence", where)
+            record = single_turn(f"{split}-{identifier}", "nlvr2", paths, task.prompt(sentence), answer)
             out.add(split, record)

@@ -8,7 +8,8 @@ Two source layouts:
   ``--val-groups`` training groups become the val split, so no actor of a val clip is seen in training;
 * the reference recipe's split folders: ``{train,val,test}/<Class>/*.avi``.
 
-From each video ``--frames`` (8) frames are taken at ``arange(0, total, total / frames)``, decoded with PyAV
+From each video ``--frames`` (8) frames are taken at ``floor(k * total / frames)`` (the reference's
+``arange(0, total, total / frames)``, without its extra index for some frame counts), decoded with PyAV
 and saved as ``images/{split}/{Class}/{video}.{k}.jpg``. Records are numbered over train, val, test in that order
 (``train-0000000000`` ...), the prompt lists the classes of the conversion.
 """
@@ -19,7 +20,6 @@ import argparse
 import re
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 from phi3v.data.convert.common import SPLITS, ConversionError, StagedOutput, single_turn
@@ -96,9 +96,12 @@ def sample_frames(video: Path, n: int):
             if not total:  # some containers do not store the count: decode once to count
                 total = sum(1 for _ in container.decode(stream))
                 container.seek(0)
-            wanted = {int(i) for i in np.arange(0, total, total / n).astype(int)}
+            if total < n:
+                raise ConversionError(f"{video}: {total} frames, fewer than the {n} to sample")
+            # floor(k * total / n): the reference's arange(0, total, total / n) in exact integer arithmetic
+            wanted = {k * total // n for k in range(n)}
             frames = [f.to_image() for i, f in enumerate(container.decode(stream)) if i in wanted]
-    except (av.error.FFmpegError, IndexError) as err:
+    except (av.error.FFmpegError, IndexError, OSError) as err:
         raise ConversionError(f"{video}: cannot decode video ({err})") from err
     if len(frames) != len(wanted) or not frames:
         raise ConversionError(f"{video}: decoded {len(frames)} of {len(wanted)} wanted frames ({total} in header)")
@@ -106,6 +109,8 @@ def sample_frames(video: Path, n: int):
 
 
 def convert(args: argparse.Namespace, out: StagedOutput) -> None:
+    if args.frames < 1:
+        raise ConversionError(f"--frames {args.frames}: sample at least 1 frame")
     splits = collect(args)
     classes = sorted({c for items in splits.values() for c, _ in items})
     if args.classes:
