@@ -7,11 +7,12 @@ import os
 from pathlib import Path
 from typing import Literal
 
+from PIL import Image
 from torch.utils.data import Dataset
 
 from phi3v.data.schema import Record, parse_record
 from phi3v.processing.chat import Conversation
-from phi3v.processing.image import load_image
+from phi3v.processing.image import ImageError, load_image
 from phi3v.processing.processor import Phi3VProcessor, Sample
 
 
@@ -80,6 +81,37 @@ class JsonlDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def image_size(self, relative: str) -> tuple[int, int]:
+        """``(width, height)`` of an image as ``load_image`` will return it, from its header only."""
+        path = self.image_root / relative
+        try:
+            with Image.open(path) as image:
+                width, height = image.size
+                if image.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF rotations by 90 degrees swap the sides
+                    width, height = height, width
+        except (OSError, ValueError) as err:
+            raise ImageError(f"{path}: cannot read image ({err})") from err
+        return width, height
+
+    def drop_long(self) -> int:
+        """Remove the samples longer than ``max_length`` (counted from image headers and the tokenizer, without
+        decoding pixels); returns how many were removed. Needs a processor."""
+        if self.processor is None or self.max_length is None:
+            return 0
+        kept = []
+        for record in self.records:
+            conversation = record.conversation()
+            sizes = [self.image_size(p) for p in record.image_paths]
+            try:
+                rendered = self.processor.render(conversation, image_sizes=sizes)
+            except ValueError as err:
+                raise DataError(f"{self.path}:{record.line} (id {record.id}): {err}") from err
+            if len(rendered.input_ids) <= self.max_length:
+                kept.append(record)
+        dropped = len(self.records) - len(kept)
+        self.records = kept
+        return dropped
 
     def conversation(self, index: int) -> Conversation:
         """The conversation of item ``index`` with its images opened."""

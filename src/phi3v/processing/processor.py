@@ -116,9 +116,20 @@ class Phi3VProcessor:
     def _images(self, images: Sequence[Any]) -> list[Image.Image]:
         return [image if isinstance(image, Image.Image) else load_image(image) for image in images]
 
-    def render(self, conversation: Conversation, generation: bool = False) -> Rendered:
-        """Token ids and labels only; image-token counts come from image sizes, no pixels are processed."""
-        sizes = [self._image_size(image) for image in conversation.images]
+    def render(
+        self,
+        conversation: Conversation,
+        generation: bool = False,
+        image_sizes: Sequence[tuple[int, int]] | None = None,
+    ) -> Rendered:
+        """Token ids and labels only; image-token counts come from image sizes, no pixels are processed.
+
+        Args:
+            conversation: The conversation (images as PIL images or paths).
+            generation: As for ``encode``.
+            image_sizes: ``(width, height)`` of each image, when known; otherwise read from the images.
+        """
+        sizes = image_sizes if image_sizes is not None else [self._image_size(i) for i in conversation.images]
         counts = [self.image_processor.num_image_tokens(w, h) for w, h in sizes]
         return render(conversation, self._tokenize, counts, self.image_token_id, generation)
 

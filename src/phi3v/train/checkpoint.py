@@ -1,0 +1,222 @@
+"""Training checkpoints: safetensors and json only, written atomically, verified before use.
+
+A checkpoint ``RUN/checkpoints/step-0000050/`` holds
+
+* ``trainable.safetensors``: every trainable parameter (all weights for full fine-tuning, adapters for LoRA);
+* ``optimizer.safetensors`` + ``optimizer.json``: AdamW moments by parameter name, and the param groups;
+* ``scheduler.json``, ``trainer_state.json`` (step, losses, best metric);
+* ``rng-rank{r}.safetensors`` + ``rng-rank{r}.json``: every rank's torch, CUDA, NumPy and Python RNG states;
+* ``manifest.json``, written last: the size and SHA-256 of every file.
+
+The folder is assembled under a temporary name and renamed into place, so a crash leaves no folder that looks
+complete; ``find_resumable`` also recomputes the manifest, so a file damaged later is caught and the previous
+checkpoint is used instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from phi3v.utils import atomic_write_text
+
+logger = logging.getLogger("phi3v")
+STEP_DIR = re.compile(r"^step-(\d{7})$")
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message says which file and why."""
+
+
+def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step-{step:07d}"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != MANIFEST)
+    manifest = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+
+
+def verify(folder: Path) -> None:
+    """Raise ``CheckpointError`` unless every file of the manifest is there with its size and hash."""
+    manifest_path = folder / MANIFEST
+    if not manifest_path.exists():
+        raise CheckpointError(f"{folder}: no {MANIFEST} (the save did not finish)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{manifest_path}: unreadable ({err})") from err
+    for name, expected in manifest.items():
+        path = folder / name
+        if not path.exists():
+            raise CheckpointError(f"{path}: missing")
+        if path.stat().st_size != expected["size"]:
+            raise CheckpointError(f"{path}: {path.stat().st_size} bytes, manifest says {expected['size']}")
+        if _sha256(path) != expected["sha256"]:
+            raise CheckpointError(f"{path}: content differs from the manifest (corrupted)")
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Checkpoint folders of a run, newest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)]
+    return sorted(found, key=lambda p: p.name, reverse=True)
+
+
+def find_resumable(run_dir: str | os.PathLike) -> Path | None:
+    """The newest checkpoint that verifies; damaged newer ones are reported and skipped."""
+    for folder in list_checkpoints(run_dir):
+        try:
+            verify(folder)
+            return folder
+        except CheckpointError as err:
+            logger.warning("skipping checkpoint %s: %s", folder.name, err)
+    return None
+
+
+# ---- state pieces -----------------------------------------------------------------------------------------------
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer, names: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors of the optimizer state keyed ``{param name}/{key}``, and the json-able rest."""
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{names[index]}/{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{names[index]}/{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars, "names": names}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict, meta: dict, names: list[str]) -> None:
+    if meta["names"] != names:
+        raise CheckpointError("the optimizer's parameters differ from the checkpoint's (another strategy or model?)")
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        name, field = key.rsplit("/", 1)
+        state.setdefault(names.index(name), {})[field] = value
+    for key, value in meta["scalars"].items():
+        name, field = key.rsplit("/", 1)
+        state.setdefault(names.index(name), {})[field] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda{i}"] = s
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state()
+    meta = {
+        "python": [version, list(internal), gauss],
+        "numpy": [np_state[0], np_state[1].tolist(), *map(_plain, np_state[2:])],
+    }
+    return tensors, meta
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else value
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda"))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, *rest = meta["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+
+
+# ---- save / load ------------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(
+    run_dir: str | os.PathLike,
+    step: int,
+    trainable: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    names: list[str],
+    scheduler: Any,
+    trainer_state: dict,
+    rank: int,
+    world_size: int,
+    barrier,
+) -> Path:
+    """Write a checkpoint (rank 0 writes model and optimizer, every rank its RNG state)."""
+    final = checkpoint_dir(run_dir, step)
+    staging = final.parent / f".tmp-{final.name}"
+    if rank == 0:
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir(parents=True)
+    barrier()
+    tensors, meta = rng_state()
+    save_file(tensors, staging / f"rng-rank{rank}.safetensors")
+    atomic_write_text(staging / f"rng-rank{rank}.json", json.dumps(meta))
+    if rank == 0:
+        save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, staging / "trainable.safetensors")
+        opt_tensors, opt_meta = optimizer_state(optimizer, names)
+        save_file(opt_tensors, staging / "optimizer.safetensors")
+        atomic_write_text(staging / "optimizer.json", json.dumps(opt_meta))
+        atomic_write_text(staging / "scheduler.json", json.dumps(scheduler.state_dict()))
+        atomic_write_text(staging / "trainer_state.json", json.dumps({**trainer_state, "world_size": world_size}))
+    barrier()
+    if rank == 0:
+        write_manifest(staging)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+    barrier()
+    return final
+
+
+def load_checkpoint(folder: Path, rank: int) -> dict:
+    """Read a verified checkpoint's pieces (no pickles anywhere)."""
+    verify(folder)
+    rng_file = folder / f"rng-rank{rank}.safetensors"
+    if not rng_file.exists():
+        raise CheckpointError(f"{rng_file}: missing; resume with the same number of processes as the run")
+    return {
+        "trainable": load_file(folder / "trainable.safetensors"),
+        "optimizer": load_file(folder / "optimizer.safetensors"),
+        "optimizer_meta": json.loads((folder / "optimizer.json").read_text()),
+        "scheduler": json.loads((folder / "scheduler.json").read_text()),
+        "trainer_state": json.loads((folder / "trainer_state.json").read_text()),
+        "rng": load_file(rng_file),
+        "rng_meta": json.loads((folder / f"rng-rank{rank}.json").read_text()),
+    }
+
+
+def prune(run_dir: str | os.PathLike, keep_last: int, keep: set[Path]) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints, never those in ``keep`` (e.g. the best one)."""
+    for folder in list_checkpoints(run_dir)[keep_last:]:
+        if folder not in keep:
+            shutil.rmtree(folder)

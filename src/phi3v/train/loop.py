@@ -1,0 +1,422 @@
+"""The training recipe, written out: setup, step, evaluate, save, resume.
+
+Accelerate runs the engine (single process or DDP; DeepSpeed ZeRO-2 and FSDP2 through its plugins) and mixed
+precision; everything else is here, top to bottom.
+
+Batches. Optimizer step ``s`` uses the samples ``perm[s*G : (s+1)*G]`` of a seeded per-epoch permutation, ``G`` the
+global batch. Rank ``r``'s micro-batch ``m`` is the slice ``[(m*world + r)*B, +B)`` of it. The samples of a step
+therefore do not depend on the number of processes, and resuming at step ``s`` needs no replay of the data.
+
+Loss. Each step's loss is the mean cross-entropy over *all* supervised tokens of the global batch: the supervised
+tokens of all micro-batches on all ranks are counted first, and every micro-batch's summed loss is divided by
+that count (times the accumulation steps and ranks that Accelerate/DDP average over). Not a mean of means.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from phi3v.data.collate import collate
+from phi3v.data.dataset import JsonlDataset, read_records
+from phi3v.model import Phi3VForCausalLM, build_model
+from phi3v.model.presets import PRESETS
+from phi3v.processing import Phi3VProcessor
+from phi3v.processing.chat import IGNORE_INDEX
+from phi3v.tasks import get_task
+from phi3v.train import checkpoint as ckpt
+from phi3v.train.config import TrainConfig
+from phi3v.train.strategy import apply_strategy, component, parameter_counts
+from phi3v.utils import atomic_write_text
+
+logger = logging.getLogger("phi3v")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on; the message says at which step and why."""
+
+
+class GlobalBatchSampler(Sampler[list[int]]):
+    """This rank's micro-batches for optimizer steps ``start_step .. total_steps - 1`` (see the module docstring)."""
+
+    def __init__(self, n: int, config: TrainConfig, world: int, rank: int, start_step: int, total_steps: int):
+        self.n, self.world, self.rank = n, world, rank
+        self.batch, self.global_batch = config.per_device_batch_size, config.global_batch_size
+        self.accumulation = config.gradient_accumulation_steps(world)
+        self.seed, self.start_step, self.total_steps = config.seed, start_step, total_steps
+        self.steps_per_epoch = n // self.global_batch
+
+    def __len__(self) -> int:
+        return (self.total_steps - self.start_step) * self.accumulation
+
+    def __iter__(self) -> Iterator[list[int]]:
+        perm, epoch = None, -1
+        for step in range(self.start_step, self.total_steps):
+            if step // self.steps_per_epoch != epoch:
+                epoch = step // self.steps_per_epoch
+                perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+            offset = (step % self.steps_per_epoch) * self.global_batch
+            for m in range(self.accumulation):
+                start = offset + (m * self.world + self.rank) * self.batch
+                yield perm[start : start + self.batch]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def load_model_and_processor(config: TrainConfig) -> tuple[Phi3VForCausalLM, Phi3VProcessor]:
+    """The base model (fp32 master weights for full training; bf16/fp16 base for LoRA) and its processor."""
+    base_dtype = torch.float32
+    if config.lora and config.precision != "fp32":
+        base_dtype = torch.bfloat16 if config.precision == "bf16" else torch.float16
+    if config.model == "tiny":
+        model = build_model("tiny", dtype=base_dtype, attn_implementation=config.attention, seed=config.seed)
+        return model, Phi3VProcessor.tiny(num_crops=config.num_crops)
+    if config.model in PRESETS:
+        raise TrainingError(
+            f"model={config.model!r} is a random-weight architecture preset without a tokenizer; pass the "
+            "checkpoint directory (or hub id) of the real weights"
+        )
+    model = Phi3VForCausalLM.from_pretrained(config.model, dtype=base_dtype, attn_implementation=config.attention)
+    return model, Phi3VProcessor.from_pretrained(config.model, num_crops=config.num_crops)
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> tuple[torch.optim.Optimizer, list[str]]:
+    """AdamW over the trainable parameters; biases, norms and separators without weight decay."""
+    decay, no_decay, names = [], [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or name.endswith(("glb_GN", "sub_GN")) else decay).append((name, param))
+    groups = [
+        {"params": [p for _, p in decay], "weight_decay": config.weight_decay},
+        {"params": [p for _, p in no_decay], "weight_decay": 0.0},
+    ]
+    names = [n for n, _ in decay] + [n for n, _ in no_decay]
+    fused = torch.cuda.is_available() and all(p.is_cuda for _, p in decay + no_decay)
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.adam_betas, eps=config.adam_eps, fused=fused)
+    return optimizer, names
+
+
+def lr_lambda(step: int, config: TrainConfig, total_steps: int) -> float:
+    """Linear warmup, then linear / cosine decay to 0, or constant."""
+    if step < config.warmup_steps:
+        return (step + 1) / (config.warmup_steps + 1)
+    if config.schedule == "constant":
+        return 1.0
+    progress = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
+    if config.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return max(0.0, 1.0 - progress)
+
+
+def make_accelerator(config: TrainConfig, accumulation: int, find_unused_parameters: bool = False):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    mixed = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[config.precision]
+    engine = config.resolved_engine
+    kwargs = {"kwargs_handlers": [DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)]}
+    if engine == "deepspeed_zero2":
+        from accelerate.utils import DeepSpeedPlugin
+
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(
+            hf_ds_config=str(Path(__file__).with_name("zero2.json")), gradient_accumulation_steps=accumulation,
+            gradient_clipping=config.max_grad_norm or None,
+        )  # fmt: skip
+    elif engine == "fsdp2":
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=False)
+    # Without a GPU, Accelerate only forms a (gloo) process group when told to run on the CPU.
+    cpu = not torch.cuda.is_available()
+    return Accelerator(mixed_precision=mixed, gradient_accumulation_steps=accumulation, cpu=cpu, **kwargs)
+
+
+def audit_gradients(model: torch.nn.Module, get_grad) -> None:
+    """After the first backward: every trainable parameter has a finite, non-zero gradient; frozen ones none.
+
+    The one exception is a LoRA ``A`` matrix whose ``B`` is still zero: its gradient is zero by construction.
+    """
+    problems = []
+    params = dict(model.named_parameters())
+    for name, param in params.items():
+        grad = get_grad(param)
+        # LoRA starts with B = 0, so A's first gradient (B^T times the output gradient) is exactly zero.
+        pair = params.get(name.replace("lora_A", "lora_B")) if "lora_A" in name else None
+        zero_by_init = pair is not None and not pair.detach().abs().sum() > 0
+        if param.requires_grad:
+            if grad is None:
+                problems.append(f"{name}: trainable but got no gradient")
+            elif not torch.isfinite(grad).all():
+                problems.append(f"{name}: non-finite gradient")
+            elif not zero_by_init and not grad.abs().sum() > 0:
+                problems.append(f"{name}: gradient is all zeros")
+        elif grad is not None:
+            problems.append(f"{name}: frozen but got a gradient")
+    if problems:
+        shown = "\n  ".join(problems[:20]) + (f"\n  ... {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise TrainingError(f"gradient-flow audit after step 1 failed:\n  {shown}")
+
+
+def train(config: TrainConfig) -> dict:
+    """Run a training job; returns a summary (losses per step, final metrics, output paths)."""
+    world_guess = int(os.environ.get("WORLD_SIZE", "1"))
+    config.validate(world_guess)
+    accumulation = config.gradient_accumulation_steps(world_guess)
+    # Text-only samples leave the image side without gradients in some steps; DDP must then look for unused
+    # parameters (a little slower, so only when the data needs it).
+    text_only = any(not record.image_paths for record in read_records(config.train_data))
+    accelerator = make_accelerator(config, accumulation, find_unused_parameters=text_only)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if world != world_guess:
+        raise TrainingError(f"launched with WORLD_SIZE={world_guess} but Accelerate formed {world} process(es)")
+    expected = {"deepspeed_zero2": "DEEPSPEED", "fsdp2": "FSDP"}.get(config.resolved_engine)
+    if expected and accelerator.distributed_type.name != expected:  # never fall back silently
+        raise TrainingError(
+            f"engine {config.resolved_engine} requested, Accelerate runs {accelerator.distributed_type.name}"
+        )
+    checkpoints = expected is None
+    if not checkpoints and (config.save_every or config.resume):
+        raise TrainingError(
+            f"engine {config.resolved_engine}: intermediate checkpoints and resume are implemented for ddp only so far "
+            "(the optimizer state is sharded); set save_every=0 and resume=null, or use engine=ddp"
+        )
+    main = accelerator.is_main_process
+    run_dir = Path(config.output_dir)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config.save(run_dir / "config.yaml")
+    accelerator.wait_for_everyone()
+
+    seed_everything(config.seed)
+    model, processor = load_model_and_processor(config)
+    model = apply_strategy(model, config)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if config.gradient_checkpointing:
+        base.enable_activation_checkpointing()
+    counts = parameter_counts(model)
+    if main:
+        logger.info(
+            "strategy %s on %s (%s), %d process(es), %d accumulation step(s) of %d sample(s) per device",
+            config.strategy, accelerator.distributed_type.name, config.resolved_engine, world, accumulation,
+            config.per_device_batch_size,
+        )  # fmt: skip
+        for name, c in counts.items():
+            logger.info("%-10s trainable %14s of %14s parameters", name, f"{c['trainable']:,}", f"{c['total']:,}")
+
+    dataset = JsonlDataset(config.train_data, config.image_root, processor, config.max_length)
+    if config.drop_long_samples:
+        dropped = dataset.drop_long()  # up front, so that no batch is left empty and every rank drops the same
+        if main:
+            logger.info("dropped %d of %d samples longer than max_length %d", dropped, dropped + len(dataset),
+                        config.max_length)  # fmt: skip
+
+    steps_per_epoch = len(dataset) // config.global_batch_size
+    if steps_per_epoch == 0:
+        raise TrainingError(f"{config.train_data}: {len(dataset)} samples, fewer than one global batch "
+                            f"({config.global_batch_size})")  # fmt: skip
+    total_steps = config.max_steps or max(1, int(config.epochs * steps_per_epoch))
+    val = JsonlDataset(config.val_data, config.image_root) if config.val_data else None
+    task = get_task(config.task)
+
+    optimizer, names = make_optimizer(model, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_lambda, config=config, total_steps=total_steps))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+
+    state = {"step": 0, "losses": [], "dropped": 0, "best": None, "best_checkpoint": None, "evaluations": []}
+    resume_from = _resume_target(config, run_dir)
+    if resume_from is not None:
+        loaded = ckpt.load_checkpoint(resume_from, rank)
+        params = dict(unwrapped.named_parameters())
+        missing = sorted(set(loaded["trainable"]) ^ {n for n, p in params.items() if p.requires_grad})
+        if missing:
+            raise TrainingError(f"{resume_from}: trainable parameters differ from this run's: {missing[:5]}")
+        with torch.no_grad():
+            for name, tensor in loaded["trainable"].items():
+                params[name].copy_(tensor)
+        ckpt.load_optimizer_state(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
+                                  loaded["optimizer"], loaded["optimizer_meta"], names)  # fmt: skip
+        scheduler.load_state_dict(loaded["scheduler"])
+        ckpt.set_rng_state(loaded["rng"], loaded["rng_meta"])
+        state.update({k: v for k, v in loaded["trainer_state"].items() if k in state})
+        if main:
+            logger.info("resumed from %s at step %d", resume_from, state["step"])
+
+    sampler = GlobalBatchSampler(len(dataset), config, world, rank, state["step"], total_steps)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=partial(collate, pad_token_id=processor.pad_token_id),
+        num_workers=config.num_workers,
+        persistent_workers=False,
+    )
+    writer = _tensorboard(run_dir) if main else None
+    log_file = run_dir / "log.jsonl"
+    progress = _progress(main, state["step"], total_steps)
+    micro: list[dict] = []
+    tick, samples_done = time.perf_counter(), 0
+    for batch in loader:
+        micro.append(batch)
+        if len(micro) < accumulation:
+            continue
+        step = state["step"]
+        dropped = sum(b["num_dropped"] for b in micro)
+        local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+        totals = accelerator.reduce(torch.tensor([local_tokens, dropped], device=accelerator.device), "sum")
+        global_tokens, global_dropped = int(totals[0]), int(totals[1])
+        if global_tokens == 0:
+            raise TrainingError(f"step {step + 1}: the global batch has no supervised token (empty or cut answers?)")
+        divisor = global_tokens / (accumulation * world)
+        step_loss = torch.zeros((), device=accelerator.device)
+        for b in micro:
+            inputs = {k: v.to(accelerator.device) for k, v in b.items() if isinstance(v, torch.Tensor)}
+            with accelerator.accumulate(model):
+                out = model(**inputs, num_items_in_batch=divisor)
+                accelerator.backward(out.loss)
+                step_loss += out.loss.detach()
+        if step == 0 and resume_from is None:
+            audit_gradients(unwrapped, _grad_getter(accelerator))
+        if config.max_grad_norm:
+            accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss = float(accelerator.reduce(step_loss, "sum")) / (accumulation * world)
+        if not math.isfinite(loss):
+            raise TrainingError(f"step {step + 1}: the loss is {loss}; lower lr, or use bf16 instead of fp16")
+        state["step"] = step + 1
+        state["losses"].append(loss)
+        state["dropped"] += global_dropped
+        micro = []
+        samples_done += config.global_batch_size
+        lr = scheduler.get_last_lr()[0]
+        last = state["step"] == total_steps
+        if main and (state["step"] % config.log_every == 0 or last):
+            rate = samples_done / (time.perf_counter() - tick)
+            record = {"step": state["step"], "loss": loss, "lr": lr, "samples_per_s": rate,
+                      "dropped": state["dropped"]}  # fmt: skip
+            _log(writer, log_file, record)
+        if progress:
+            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            progress.update(1)
+        evaluate_now = val is not None and ((config.eval_every and state["step"] % config.eval_every == 0) or last)
+        improved = evaluate_now and _evaluate(unwrapped, processor, val, task, config, state, writer, log_file, main)
+        if checkpoints and (improved or last or (config.save_every and state["step"] % config.save_every == 0)):
+            _save(accelerator, unwrapped, optimizer, names, scheduler, state, config, run_dir)
+    if progress:
+        progress.close()
+    summary = {"steps": state["step"], "losses": state["losses"], "dropped": state["dropped"]}
+    final = run_dir / "final"
+    if main:
+        _final_save(accelerator, model, unwrapped, processor, config, final)
+        summary.update(final=str(final), best=state["best"], best_checkpoint=state["best_checkpoint"])
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+        if writer:
+            writer.close()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
+def _resume_target(config: TrainConfig, run_dir: Path) -> Path | None:
+    if config.resume is None:
+        return None
+    if config.resume == "auto":
+        return ckpt.find_resumable(run_dir)
+    folder = Path(config.resume)
+    ckpt.verify(folder)
+    return folder
+
+
+def _grad_getter(accelerator):
+    if accelerator.distributed_type.name == "DEEPSPEED":
+        from deepspeed.utils import safe_get_full_grad
+
+        return safe_get_full_grad
+    return lambda param: param.grad
+
+
+def _evaluate(model, processor, val, task, config, state, writer, log_file, main) -> bool:
+    """Evaluate with the task's metric; True when it is the best so far (its checkpoint is then kept)."""
+    from phi3v.eval.evaluate import evaluate
+
+    result = evaluate(model, processor, val, task, max_samples=config.eval_max_samples)
+    value = next(iter(result.metrics.values()))  # the task's main metric comes first
+    state["evaluations"].append({"step": state["step"], **result.metrics})
+    if main:
+        _log(writer, log_file, {"step": state["step"], **{f"eval/{k}": v for k, v in result.metrics.items()}})
+    if state["best"] is None or value > state["best"]:
+        state["best"] = value
+        state["best_checkpoint"] = str(ckpt.checkpoint_dir(config.output_dir, state["step"]))
+        return True
+    return False
+
+
+def _save(accelerator, unwrapped, optimizer, names, scheduler, state, config, run_dir) -> None:
+    trainable = {n: p for n, p in unwrapped.named_parameters() if p.requires_grad}
+    inner = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
+    ckpt.save_checkpoint(
+        run_dir, state["step"], trainable, inner, names, scheduler, state,
+        accelerator.process_index, accelerator.num_processes, accelerator.wait_for_everyone,
+    )  # fmt: skip
+    if accelerator.is_main_process:
+        best = {Path(state["best_checkpoint"])} if state.get("best_checkpoint") else set()
+        ckpt.prune(run_dir, config.keep_last, best)
+
+
+def _final_save(accelerator, model, unwrapped, processor, config, final: Path) -> None:
+    if config.lora:
+        # PEFT adapter (adapter_model.safetensors + adapter_config.json); the vocabulary is unchanged, so the
+        # output head an lm_head adapter sits on is not copied into the adapter file
+        unwrapped.save_pretrained(final, save_embedding_layers=False)
+    else:
+        unwrapped.save_pretrained(final, state_dict=accelerator.get_state_dict(model))
+    processor.save_pretrained(final)
+    logger.info("saved the %s to %s", "adapter" if config.lora else "model", final)
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard not installed: log.jsonl still has everything
+        logger.warning("tensorboard is not installed; logging to log.jsonl only")
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def _log(writer, log_file: Path, record: dict) -> None:
+    with open(log_file, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+    if writer is not None:
+        for key, value in record.items():
+            if key != "step":
+                writer.add_scalar(key, value, record["step"])
+        writer.flush()
+    logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+
+
+def _progress(main: bool, start: int, total: int):
+    if not main:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+
+__all__ = ["GlobalBatchSampler", "TrainingError", "audit_gradients", "component", "train"]
