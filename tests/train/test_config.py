@@ -33,3 +33,13 @@ def test_validation_reports_every_problem_at_once(tmp_path):
     for expected in ("strategy='bitfit'", "none.jsonl", "image_root: required", "lr=-1", "global_batch_size=10",
                      "flash_attention_2", "task='poetry'"):  # fmt: skip
         assert expected in message, expected
+
+
+def test_every_shipped_config_loads():
+    from pathlib import Path
+
+    configs = sorted(Path(__file__).parents[2].joinpath("configs").glob("*.yaml"))
+    assert len(configs) == 17  # 4 tasks x 4 strategies + the demo
+    for path in configs:
+        config = load_config(path)
+        assert config.strategy in ("full", "frozen_vision", "lora", "qlora"), path
