@@ -119,6 +119,78 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_and_processor(args: argparse.Namespace):
+    from phi3v.eval.inference import load_for_inference
+
+    return load_for_inference(args.model, args.adapter, dtype=args.dtype, device=args.device,
+                              num_crops=args.num_crops)  # fmt: skip
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from phi3v.data.dataset import JsonlDataset
+    from phi3v.eval.evaluate import evaluate, write_evaluation
+    from phi3v.tasks import get_task
+
+    model, processor = _model_and_processor(args)
+    task = get_task(args.task)
+    labels = None
+    if args.label_set:
+        labels = [s.strip() for s in args.labels.split(",")] if args.labels else list(task.labels or [])
+        if not labels:
+            raise ValueError(f"task {task.name} has no label set; pass --labels a,b,c")
+    dataset = JsonlDataset(args.data, args.image_root)
+    result = evaluate(model, processor, dataset, task, batch_size=args.batch_size,
+                      max_new_tokens=args.max_new_tokens, max_samples=args.max_samples, labels=labels)  # fmt: skip
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        written = write_evaluation(result, args.out, labels)
+        print(json.dumps(result.metrics, indent=2))
+        print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from phi3v.eval.inference import generate
+    from phi3v.processing import load_image
+
+    model, processor = _model_and_processor(args)
+    images = [load_image(path) for path in args.image]
+    answer = generate(model, processor, args.question, images, args.max_new_tokens, stream=not args.no_stream)
+    if args.no_stream:
+        print(answer)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from phi3v.export import export
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    manifest = export(args.model, args.adapter, args.out, dtype=dtype, frames=args.frames)
+    parity = manifest["parity"]
+    print(f"exported to {args.out}: merged logits match base + adapter within {parity['max_abs_logit_difference']:.2g}"
+          f" (tolerance {parity['tolerance']})")  # fmt: skip
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from phi3v.report import write_report
+
+    print(f"wrote {write_report(args.run_dir)}")
+    return 0
+
+
+def _inference_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="model directory (official format) or hub id")
+    parser.add_argument("--adapter", default=None, help="PEFT adapter directory (from phi3v train)")
+    parser.add_argument("--num-crops", type=int, default=None, help="override the processor's num_crops")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default cpu)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from phi3v import PRESETS, __version__
 
@@ -150,6 +222,37 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="key=value settings that override the file")
     train.set_defaults(func=_cmd_train)
 
+    ev = sub.add_parser("eval", help="evaluate on a jsonl file with the task's metric")
+    _inference_arguments(ev)
+    ev.add_argument("--data", required=True, help="jsonl file")
+    ev.add_argument("--image-root", required=True)
+    ev.add_argument("--task", required=True)
+    ev.add_argument("--out", default="eval", help="folder for predictions.jsonl and metrics.json")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--max-samples", type=int, default=None)
+    ev.add_argument("--label-set", action="store_true", help="score each label by log-likelihood instead of generating")
+    ev.add_argument("--labels", default=None, help="comma-separated label set (default: the task's)")
+    ev.set_defaults(func=_cmd_eval)
+
+    gen = sub.add_parser("generate", help="answer a question about images")
+    _inference_arguments(gen)
+    gen.add_argument("--image", action="append", default=[], help="an image file (repeat for several)")
+    gen.add_argument("--no-stream", action="store_true", help="print the answer at the end instead of streaming")
+    gen.add_argument("question")
+    gen.set_defaults(func=_cmd_generate, max_new_tokens=256)
+
+    exp = sub.add_parser("export", help="merge a LoRA adapter into its base, verified, in the official format")
+    exp.add_argument("--model", required=True)
+    exp.add_argument("--adapter", required=True)
+    exp.add_argument("--out", required=True)
+    exp.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    exp.add_argument("--frames", type=int, default=None, help="frames per video used in training (manifest)")
+    exp.set_defaults(func=_cmd_export)
+
+    rep = sub.add_parser("report", help="HTML report of a training run")
+    rep.add_argument("run_dir")
+    rep.set_defaults(func=_cmd_report)
+
     data = sub.add_parser("data", help="check data files").add_subparsers(dest="action", required=True)
     check = data.add_parser("check", help="report every problem of a jsonl file (file:line) and statistics")
     check.add_argument("data", help="the jsonl file")
@@ -179,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``phi3v`` command."""
+    from phi3v.export import ExportError
     from phi3v.train.loop import TrainingError
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -186,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, TrainingError) as err:  # our errors name the file, line or value
+    except (ValueError, FileNotFoundError, FileExistsError, TrainingError, ExportError) as err:  # named errors
         print(f"phi3v: error: {err}", file=sys.stderr)
         return 2
 

@@ -44,6 +44,13 @@ class Task:
     labels: tuple[str, ...] | None = None
     positive: str | None = None
 
+    def sample_score(self, prediction: str, references: Sequence[str]) -> float:
+        """The metric of one prediction (ANLS, or 1/0 for an exact match after normalisation)."""
+        p, refs = self.normalize(prediction), [self.normalize(r) for r in references]
+        if self.metric == "anls":
+            return metrics.anls_score(p, refs)
+        return float(p in refs)
+
     def score(
         self,
         predictions: Sequence[str],

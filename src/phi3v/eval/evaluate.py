@@ -6,8 +6,11 @@ final evaluation reports.
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -16,6 +19,7 @@ from phi3v.data.dataset import JsonlDataset
 from phi3v.processing.chat import Conversation, Turn
 from phi3v.processing.processor import MODEL_INPUTS, Phi3VProcessor
 from phi3v.tasks import Task
+from phi3v.utils import atomic_write, atomic_write_text
 
 
 @dataclass
@@ -71,26 +75,50 @@ def evaluate(
     batch_size: int = 8,
     max_new_tokens: int = 64,
     max_samples: int | None = None,
+    labels: Sequence[str] | None = None,
 ) -> Evaluation:
-    """Generate answers for ``dataset`` (sharded over ranks when distributed) and score them with ``task``.
+    """Answer every sample of ``dataset`` (sharded over ranks when distributed) and score with ``task``.
 
-    Every rank returns the same ``Evaluation``.
+    Args:
+        model: The model (a PEFT model works too).
+        processor: Its processor.
+        dataset: The samples; the last turn's answer is the one to produce.
+        task: Scores the answers.
+        batch_size: Prompts per generation batch.
+        max_new_tokens: Longest answer.
+        max_samples: Evaluate only the first ones.
+        labels: Label-set scoring instead of generation: each candidate is scored by log-likelihood and the best
+            one is the answer; tasks with a positive label also get AUROC.
+
+    Returns:
+        The same ``Evaluation`` on every rank.
     """
+    from phi3v.eval.inference import label_scores
+
     was_training = model.training
     model.eval()
     indices = list(range(len(dataset)))[:max_samples]
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     mine = indices[rank::world]
-    answers = generate_answers(model, processor, [dataset.conversation(i) for i in mine], batch_size, max_new_tokens)
-    local = [
-        {
-            "id": dataset.records[i].id,
-            "prompt": dataset.records[i].turns[-1].user,
-            "prediction": answer,
-            "references": dataset.records[i].references,
-        }
-        for i, answer in zip(mine, answers, strict=True)
-    ]
+    conversations = [dataset.conversation(i) for i in mine]
+    positive_scores: list[float | None] = [None] * len(mine)
+    if labels:
+        answers = []
+        for k, conversation in enumerate(conversations):
+            scores = torch.tensor(label_scores(model, processor, conversation, labels))
+            answers.append(labels[int(scores.argmax())])
+            if task.positive in labels:
+                positive_scores[k] = float(scores.softmax(0)[labels.index(task.positive)])
+    else:
+        answers = generate_answers(model, processor, conversations, batch_size, max_new_tokens)
+    local = []
+    for i, answer, positive in zip(mine, answers, positive_scores, strict=True):
+        record = dataset.records[i]
+        entry = {"id": record.id, "prompt": record.turns[-1].user, "prediction": answer,
+                 "references": record.references, "score": task.sample_score(answer, record.references)}  # fmt: skip
+        if positive is not None:
+            entry["positive_score"] = positive
+        local.append(entry)
     if world > 1:
         gathered: list[list[dict]] = [[] for _ in range(world)]
         dist.all_gather_object(gathered, local)
@@ -98,7 +126,59 @@ def evaluate(
         predictions = [by_id[dataset.records[i].id] for i in indices]
     else:
         predictions = local
-    metrics = task.score([p["prediction"] for p in predictions], [p["references"] for p in predictions])
+    positives = [p.get("positive_score") for p in predictions]
+    metrics = task.score(
+        [p["prediction"] for p in predictions],
+        [p["references"] for p in predictions],
+        positive_scores=positives if positives and all(v is not None for v in positives) else None,
+    )
     if was_training:
         model.train()
     return Evaluation(metrics, predictions)
+
+
+def write_evaluation(evaluation: Evaluation, out_dir: str | os.PathLike, labels: Sequence[str] | None = None) -> list:
+    """``predictions.jsonl``, ``metrics.json`` and, for label-set scoring, ``confusion_matrix.png``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in evaluation.predictions)
+    atomic_write_text(out / "predictions.jsonl", lines)
+    atomic_write_text(out / "metrics.json", json.dumps(evaluation.metrics, indent=2) + "\n")
+    written = [out / "predictions.jsonl", out / "metrics.json"]
+    if labels:
+        written.append(confusion_matrix_png(evaluation, labels, out / "confusion_matrix.png"))
+    return written
+
+
+def confusion_matrix_png(evaluation: Evaluation, labels: Sequence[str], path: Path) -> Path:
+    """A confusion matrix (rows: reference, columns: prediction) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    index = {label: k for k, label in enumerate(labels)}
+    counts = torch.zeros(len(labels), len(labels), dtype=torch.long)
+    for p in evaluation.predictions:
+        truth = p["references"][0]
+        if truth in index and p["prediction"] in index:
+            counts[index[truth], index[p["prediction"]]] += 1
+    size = max(4, 0.5 * len(labels) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(counts.numpy(), cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=90)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("prediction")
+    ax.set_ylabel("reference")
+    for (r, c), value in zip(torch.cartesian_prod(torch.arange(len(labels)), torch.arange(len(labels))).tolist(),
+                             counts.flatten().tolist(), strict=True):  # fmt: skip
+        if value:
+            ax.text(c, r, str(value), ha="center", va="center", fontsize=8)
+    fig.tight_layout()
+
+    def save(tmp: str) -> None:
+        fig.savefig(tmp, format="png", dpi=100)
+
+    atomic_write(path, save)
+    plt.close(fig)
+    return path

@@ -11,6 +11,7 @@ official ones sit at 32000 + k, and ``<|image|>`` is 511.
 
 from __future__ import annotations
 
+import json
 import os
 import string
 from dataclasses import dataclass
@@ -80,7 +81,12 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
     directory = Path(path)
     if not any((directory / name).exists() for name in ("tokenizer.json", "tokenizer.model")):
         raise FileNotFoundError(f"{directory}: no tokenizer.json or tokenizer.model")
-    tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
+    config_file = directory / "tokenizer_config.json"
+    declared = json.loads(config_file.read_text()).get("tokenizer_class") if config_file.exists() else None
+    if declared in ("LlamaTokenizer", "LlamaTokenizerFast"):  # Phi-3's: load it directly, no config.json guessing
+        tokenizer = LlamaTokenizer.from_pretrained(directory)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = ENDOFTEXT
     if not tokenizer.chat_template:

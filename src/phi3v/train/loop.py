@@ -385,10 +385,19 @@ def _final_save(accelerator, model, unwrapped, processor, config, final: Path) -
         # PEFT adapter (adapter_model.safetensors + adapter_config.json); the vocabulary is unchanged, so the
         # output head an lm_head adapter sits on is not copied into the adapter file
         unwrapped.save_pretrained(final, save_embedding_layers=False)
+        if config.model in PRESETS:  # a random preset base exists nowhere else: keep it beside the adapter
+            _save_preset_base(config, final / "base")
     else:
         unwrapped.save_pretrained(final, state_dict=accelerator.get_state_dict(model))
     processor.save_pretrained(final)
     logger.info("saved the %s to %s", "adapter" if config.lora else "model", final)
+
+
+def _save_preset_base(config: TrainConfig, directory: Path) -> None:
+    """Rebuild the run's random preset base (same seed and dtype) and save it in the official format."""
+    model, processor = load_model_and_processor(config)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
 
 
 def _tensorboard(run_dir: Path):

@@ -1,0 +1,71 @@
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from phi3v.cli import main
+from phi3v.data.dataset import JsonlDataset
+from phi3v.eval.evaluate import evaluate, generate_answers, write_evaluation
+from phi3v.eval.inference import label_scores, load_for_inference
+from phi3v.tasks import get_task
+
+
+@pytest.fixture
+def loaded(lora_run):
+    return load_for_inference(lora_run / "final" / "base", lora_run / "final")
+
+
+def test_batched_generation_equals_one_by_one(loaded, digits):
+    model, processor = loaded
+    dataset = JsonlDataset(digits / "digits_pair_val.jsonl", digits / "images")
+    conversations = [dataset.conversation(i) for i in range(5)]
+    batched = generate_answers(model, processor, conversations, batch_size=5, max_new_tokens=6)
+    single = [generate_answers(model, processor, [c], batch_size=1, max_new_tokens=6)[0] for c in conversations]
+    assert batched == single
+
+
+def test_label_scores_are_the_log_likelihood_of_each_answer(loaded, digits):
+    model, processor = loaded
+    conversation = JsonlDataset(digits / "digits_val.jsonl", digits / "images").conversation(0)
+    labels = ["3", "7", "yes"]
+    scores = label_scores(model, processor, conversation, labels)
+    for label, score in zip(labels, scores, strict=True):  # reference: one plain forward per label
+        from phi3v.processing import Conversation, Turn
+
+        turn = conversation.turns[-1]
+        sample = processor.encode(Conversation([Turn(turn.user, turn.images, label)]))
+        logits = model(input_ids=sample.input_ids[None], pixel_values=sample.pixel_values,
+                       image_sizes=sample.image_sizes).logits[0]  # fmt: skip
+        supervised = (sample.labels != -100).nonzero()[:, 0]
+        logprobs = torch.log_softmax(logits[supervised - 1].float(), -1)
+        want = logprobs.gather(-1, sample.labels[supervised][:, None]).sum()
+        assert score == pytest.approx(float(want), abs=1e-3)
+
+
+def test_label_set_evaluation_with_auroc_and_outputs(loaded, digits, tmp_path):
+    model, processor = loaded
+    dataset = JsonlDataset(digits / "digits_pair_val.jsonl", digits / "images")
+    task = get_task("hateful_memes")  # the same yes/no label set, with AUROC on "yes"
+    result = evaluate(model, processor, dataset, task, max_samples=12, labels=["no", "yes"])
+    assert set(result.metrics) == {"accuracy", "auroc"} and 0 <= result.metrics["auroc"] <= 1
+    assert all(p["prediction"] in ("no", "yes") and 0 <= p["positive_score"] <= 1 for p in result.predictions)
+    assert result.metrics["accuracy"] == pytest.approx(sum(p["score"] for p in result.predictions) / 12)
+    written = write_evaluation(result, tmp_path / "out", ["no", "yes"])
+    assert [p.name for p in written] == ["predictions.jsonl", "metrics.json", "confusion_matrix.png"]
+    assert Image.open(written[2]).format == "PNG"
+    lines = (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()
+    assert set(json.loads(lines[0])) >= {"id", "prompt", "prediction", "references", "score"}
+
+
+def test_eval_and_generate_commands(lora_run, digits, tmp_path, capsys):
+    args = ["--model", str(lora_run / "final" / "base"), "--adapter", str(lora_run / "final")]
+    assert main(["eval", *args, "--data", str(digits / "digits_val.jsonl"), "--image-root", str(digits / "images"),
+                 "--task", "digits", "--out", str(tmp_path / "ev"), "--max-samples", "4"]) == 0  # fmt: skip
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert list(metrics) == ["accuracy"]
+    image = digits / "images" / "digits" / "0000.png"
+    assert main(["generate", *args, "--image", str(image), "--no-stream", "--max-new-tokens", "3", "Which?"]) == 0
+    with pytest.raises(SystemExit):
+        main(["eval", *args])  # missing --data: argparse explains
+    assert "error" in capsys.readouterr().err
