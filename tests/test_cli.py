@@ -24,8 +24,3 @@ def test_model_info_counts_components_of_the_full_architecture(capsys):
 def test_errors_are_reported_without_a_traceback(tmp_path, capsys):
     assert main(["model", "info", "--path", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
-
-
-def test_demo_placeholder_runs(capsys):
-    assert main(["demo"]) == 0
-    assert "coming soon" in capsys.readouterr().out

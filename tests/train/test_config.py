@@ -43,3 +43,14 @@ def test_every_shipped_config_loads():
     for path in configs:
         config = load_config(path)
         assert config.strategy in ("full", "frozen_vision", "lora", "qlora"), path
+
+
+def test_more_settings_are_validated(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("")
+    config = TrainConfig(train_data=str(data), image_root=str(tmp_path), log_every=0, eval_max_samples=0,
+                         num_workers=-1, lora_alpha=0, adam_betas=(0.9, 1.5))  # fmt: skip
+    with pytest.raises(ConfigError) as err:
+        config.validate()
+    for expected in ("log_every=0", "eval_max_samples=0", "num_workers=-1", "lora_alpha=0", "adam_betas=[0.9, 1.5]"):
+        assert expected in str(err.value), expected

@@ -129,3 +129,23 @@ def test_corrupted_latest_checkpoint_is_skipped(digits, tmp_path):
         verify(latest)
     (list_checkpoints(run)[1] / "manifest.json").unlink()
     assert find_resumable(run) == list_checkpoints(run)[2]
+
+
+def test_resume_refuses_other_settings_and_logs_the_lr_a_step_uses(digits, tmp_path):
+    config = tiny_config(digits, tmp_path, strategy="lora", max_steps=2, save_every=1, warmup_steps=4, lr=1e-3)
+    train(config)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in log] == pytest.approx([1e-3 * 1 / 5, 1e-3 * 2 / 5])  # warmup: (step + 1) / (warmup + 1)
+    changed = tiny_config(digits, tmp_path, strategy="lora", max_steps=4, lr=5e-4, warmup_steps=4, resume="auto")
+    with pytest.raises(TrainingError, match=r"other settings \(max_steps: 2 -> 4, lr: 0\.001 -> 0\.0005\)"):
+        train(changed)
+    with pytest.raises(CheckpointError, match="checkpoint folder not found"):
+        train(tiny_config(digits, tmp_path, strategy="lora", resume=str(tmp_path / "nowhere")))
+
+
+def test_a_first_step_without_images_is_audited_on_the_language_side_only(tmp_path, digits):
+    text = tmp_path / "text.jsonl"
+    text.write_text("\n".join(json.dumps({"id": str(i), "source": "t", "conversations": [
+        {"user": f"Say {i}.", "assistant": str(i)}]}) for i in range(16)) + "\n")  # fmt: skip
+    summary = train(tiny_config(digits, tmp_path, train_data=str(text), max_steps=2))
+    assert len(summary["losses"]) == 2

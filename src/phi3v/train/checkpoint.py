@@ -61,6 +61,8 @@ def write_manifest(folder: Path) -> None:
 def verify(folder: Path) -> None:
     """Raise ``CheckpointError`` unless every file of the manifest is there with its size and hash."""
     manifest_path = folder / MANIFEST
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: checkpoint folder not found")
     if not manifest_path.exists():
         raise CheckpointError(f"{folder}: no {MANIFEST} (the save did not finish)")
     try:
@@ -218,5 +220,17 @@ def load_checkpoint(folder: Path, rank: int) -> dict:
 def prune(run_dir: str | os.PathLike, keep_last: int, keep: set[Path]) -> None:
     """Delete all but the newest ``keep_last`` checkpoints, never those in ``keep`` (e.g. the best one)."""
     for folder in list_checkpoints(run_dir)[keep_last:]:
-        if folder not in keep:
+        if folder.resolve() not in keep:
             shutil.rmtree(folder)
+
+
+def set_aside_newer(run_dir: str | os.PathLike, step: int) -> None:
+    """Rename checkpoints newer than ``step`` to ``abandoned-step-*`` (resuming from an older one rewinds the run;
+    the newer ones belong to the abandoned continuation and must not be picked by a later ``resume=auto``)."""
+    for folder in list_checkpoints(run_dir):
+        if int(STEP_DIR.match(folder.name).group(1)) > step:
+            target = folder.with_name(f"abandoned-{folder.name}")
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(folder, target)
+            logger.warning("set aside %s (newer than the resumed step %d) as %s", folder.name, step, target.name)

@@ -165,6 +165,18 @@ class TrainConfig:
                 problems.append(f"{name}={getattr(self, name)}: must not be negative")
         if self.max_steps is not None and self.max_steps < 1:
             problems.append(f"max_steps={self.max_steps}: must be at least 1")
+        if self.log_every < 1:
+            problems.append(f"log_every={self.log_every}: must be at least 1")
+        if self.eval_max_samples is not None and self.eval_max_samples < 1:
+            problems.append(f"eval_max_samples={self.eval_max_samples}: must be at least 1 (or null for all)")
+        if self.num_workers < 0:
+            problems.append(f"num_workers={self.num_workers}: must not be negative")
+        if self.lora_alpha <= 0:
+            problems.append(f"lora_alpha={self.lora_alpha}: must be positive")
+        if not all(0 <= b < 1 for b in self.adam_betas):
+            problems.append(f"adam_betas={list(self.adam_betas)}: each must be in [0, 1)")
+        if self.resolved_engine == "fsdp2" and self.val_data:
+            problems.append("engine=fsdp2 with val_data: evaluation during training is not supported on FSDP2 yet")
         if self.keep_last < 1:
             problems.append(f"keep_last={self.keep_last}: keep at least 1 checkpoint")
         per_step = self.per_device_batch_size * world_size

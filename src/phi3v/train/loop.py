@@ -134,10 +134,17 @@ def make_accelerator(config: TrainConfig, accumulation: int, find_unused_paramet
     if engine == "deepspeed_zero2":
         from accelerate.utils import DeepSpeedPlugin
 
-        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(
-            hf_ds_config=str(Path(__file__).with_name("zero2.json")), gradient_accumulation_steps=accumulation,
-            gradient_clipping=config.max_grad_norm or None,
-        )  # fmt: skip
+        # Everything "auto" in zero2.json is stated here: no DataLoader goes through prepare() to infer it.
+        ds_config = json.loads(Path(__file__).with_name("zero2.json").read_text())
+        ds_config.update(
+            train_micro_batch_size_per_gpu=config.per_device_batch_size,
+            train_batch_size=config.global_batch_size,
+            gradient_accumulation_steps=accumulation,
+            gradient_clipping=config.max_grad_norm,
+        )
+        ds_config["bf16"]["enabled"] = config.precision == "bf16"
+        ds_config["fp16"]["enabled"] = config.precision == "fp16"
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds_config)
     elif engine == "fsdp2":
         from accelerate.utils import FullyShardedDataParallelPlugin
 
@@ -147,7 +154,7 @@ def make_accelerator(config: TrainConfig, accumulation: int, find_unused_paramet
     return Accelerator(mixed_precision=mixed, gradient_accumulation_steps=accumulation, cpu=cpu, **kwargs)
 
 
-def audit_gradients(model: torch.nn.Module, get_grad) -> None:
+def audit_gradients(model: torch.nn.Module, get_grad, skip_image_side: bool = False) -> None:
     """After the first backward: every trainable parameter has a finite, non-zero gradient; frozen ones none.
 
     The one exception is a LoRA ``A`` matrix whose ``B`` is still zero: its gradient is zero by construction.
@@ -159,6 +166,8 @@ def audit_gradients(model: torch.nn.Module, get_grad) -> None:
         # LoRA starts with B = 0, so A's first gradient (B^T times the output gradient) is exactly zero.
         pair = params.get(name.replace("lora_A", "lora_B")) if "lora_A" in name else None
         zero_by_init = pair is not None and not pair.detach().abs().sum() > 0
+        if skip_image_side and component(name) in ("vision", "projector") and grad is None:
+            continue
         if param.requires_grad:
             if grad is None:
                 problems.append(f"{name}: trainable but got no gradient")
@@ -239,10 +248,17 @@ def train(config: TrainConfig) -> dict:
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
 
-    state = {"step": 0, "losses": [], "dropped": 0, "best": None, "best_checkpoint": None, "evaluations": []}
+    state = {"step": 0, "losses": [], "dropped": 0, "best": None, "best_checkpoint": None, "evaluations": [],
+             "run": _run_identity(config), "scaler": None}  # fmt: skip
     resume_from = _resume_target(config, run_dir)
     if resume_from is not None:
         loaded = ckpt.load_checkpoint(resume_from, rank)
+        saved = loaded["trainer_state"].get("run", {})
+        changed = {k: (saved.get(k), v) for k, v in state["run"].items() if saved.get(k) != v}
+        if changed:
+            listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+            raise TrainingError(f"{resume_from} was written by a run with other settings ({listed}); resume with "
+                                "the same settings or start a new output_dir")  # fmt: skip
         params = dict(unwrapped.named_parameters())
         missing = sorted(set(loaded["trainable"]) ^ {n for n, p in params.items() if p.requires_grad})
         if missing:
@@ -253,10 +269,13 @@ def train(config: TrainConfig) -> dict:
         ckpt.load_optimizer_state(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
                                   loaded["optimizer"], loaded["optimizer_meta"], names)  # fmt: skip
         scheduler.load_state_dict(loaded["scheduler"])
-        ckpt.set_rng_state(loaded["rng"], loaded["rng_meta"])
         state.update({k: v for k, v in loaded["trainer_state"].items() if k in state})
+        if state["scaler"] is not None and accelerator.scaler is not None:
+            accelerator.scaler.load_state_dict(state["scaler"])
         if main:
             logger.info("resumed from %s at step %d", resume_from, state["step"])
+            _truncate_log(run_dir / "log.jsonl", state["step"])
+            ckpt.set_aside_newer(run_dir, state["step"])
 
     sampler = GlobalBatchSampler(len(dataset), config, world, rank, state["step"], total_steps)
     loader = DataLoader(
@@ -266,72 +285,115 @@ def train(config: TrainConfig) -> dict:
         num_workers=config.num_workers,
         persistent_workers=False,
     )
-    writer = _tensorboard(run_dir) if main else None
+    batches = iter(loader)  # draws the loader's base seed from the torch RNG ...
+    if resume_from is not None:
+        ckpt.set_rng_state(loaded["rng"], loaded["rng_meta"])  # ... so the saved RNG state goes in after it
+    writer = _tensorboard(run_dir, state["step"]) if main else None
     log_file = run_dir / "log.jsonl"
     progress = _progress(main, state["step"], total_steps)
-    micro: list[dict] = []
-    tick, samples_done = time.perf_counter(), 0
-    for batch in loader:
-        micro.append(batch)
-        if len(micro) < accumulation:
-            continue
-        step = state["step"]
-        dropped = sum(b["num_dropped"] for b in micro)
-        local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
-        totals = accelerator.reduce(torch.tensor([local_tokens, dropped], device=accelerator.device), "sum")
-        global_tokens, global_dropped = int(totals[0]), int(totals[1])
-        if global_tokens == 0:
-            raise TrainingError(f"step {step + 1}: the global batch has no supervised token (empty or cut answers?)")
-        divisor = global_tokens / (accumulation * world)
-        step_loss = torch.zeros((), device=accelerator.device)
-        for b in micro:
-            inputs = {k: v.to(accelerator.device) for k, v in b.items() if isinstance(v, torch.Tensor)}
-            with accelerator.accumulate(model):
-                out = model(**inputs, num_items_in_batch=divisor)
-                accelerator.backward(out.loss)
-                step_loss += out.loss.detach()
-        if step == 0 and resume_from is None:
-            audit_gradients(unwrapped, _grad_getter(accelerator))
-        if config.max_grad_norm:
-            accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss = float(accelerator.reduce(step_loss, "sum")) / (accumulation * world)
-        if not math.isfinite(loss):
-            raise TrainingError(f"step {step + 1}: the loss is {loss}; lower lr, or use bf16 instead of fp16")
-        state["step"] = step + 1
-        state["losses"].append(loss)
-        state["dropped"] += global_dropped
-        micro = []
-        samples_done += config.global_batch_size
-        lr = scheduler.get_last_lr()[0]
-        last = state["step"] == total_steps
-        if main and (state["step"] % config.log_every == 0 or last):
-            rate = samples_done / (time.perf_counter() - tick)
-            record = {"step": state["step"], "loss": loss, "lr": lr, "samples_per_s": rate,
-                      "dropped": state["dropped"]}  # fmt: skip
-            _log(writer, log_file, record)
+    try:
+        micro: list[dict] = []
+        tick, samples_done = time.perf_counter(), 0
+        for batch in batches:
+            micro.append(batch)
+            if len(micro) < accumulation:
+                continue
+            step = state["step"]
+            dropped = sum(b["num_dropped"] for b in micro)
+            local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+            local_images = sum(0 if b["pixel_values"] is None else b["pixel_values"].shape[0] for b in micro)
+            counts = torch.tensor([local_tokens, dropped, local_images], device=accelerator.device)
+            global_tokens, global_dropped, global_images = (int(v) for v in accelerator.reduce(counts, "sum"))
+            if global_tokens == 0:
+                raise TrainingError(
+                    f"step {step + 1}: the global batch has no supervised token (empty or cut answers?)"
+                )
+            divisor = global_tokens / (accumulation * world)
+            step_loss = torch.zeros((), device=accelerator.device)
+            for b in micro:
+                inputs = {k: v.to(accelerator.device) for k, v in b.items() if isinstance(v, torch.Tensor)}
+                with accelerator.accumulate(model):
+                    out = model(**inputs, num_items_in_batch=divisor)
+                    accelerator.backward(out.loss)
+                    step_loss += out.loss.detach()
+            loss = float(accelerator.reduce(step_loss, "sum")) / (accumulation * world)
+            if not math.isfinite(loss):  # checked before the update, so no checkpoint ever holds its result
+                raise TrainingError(f"step {step + 1}: the loss is {loss}; lower lr, or use bf16 instead of fp16")
+            if step == 0 and resume_from is None:
+                if accelerator.distributed_type.name == "DEEPSPEED":
+                    logger.info("gradient audit skipped: DeepSpeed steps inside backward, its gradients are gone here")
+                else:
+                    # a step without images leaves the image side without gradients; only the rest can be audited
+                    audit_gradients(unwrapped, lambda p: p.grad, skip_image_side=global_images == 0)
+            if config.max_grad_norm:
+                norm = accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                                   config.max_grad_norm)  # fmt: skip
+                if norm is not None and not math.isfinite(float(norm)) and accelerator.scaler is None:
+                    raise TrainingError(f"step {step + 1}: the gradient norm is {float(norm)}")
+            lr = scheduler.get_last_lr()[0]  # the rate this step uses
+            optimizer.step()
+            if not accelerator.optimizer_step_was_skipped:  # fp16 loss scaling skips steps with inf gradients
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if accelerator.scaler is not None:
+                state["scaler"] = accelerator.scaler.state_dict()
+            state["step"] = step + 1
+            state["losses"].append(loss)
+            state["dropped"] += global_dropped
+            micro = []
+            samples_done += config.global_batch_size
+            last = state["step"] == total_steps
+            if main and (state["step"] % config.log_every == 0 or last):
+                rate = samples_done / (time.perf_counter() - tick)
+                record = {"step": state["step"], "loss": loss, "lr": lr, "samples_per_s": rate,
+                          "dropped": state["dropped"]}  # fmt: skip
+                _log(writer, log_file, record)
+            if progress:
+                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+                progress.update(1)
+            evaluate_now = val is not None and ((config.eval_every and state["step"] % config.eval_every == 0) or last)
+            improved = evaluate_now and _evaluate(
+                unwrapped, processor, val, task, config, state, writer, log_file, main
+            )
+            if improved and not checkpoints:
+                state["best_checkpoint"] = None  # no checkpoint is written on this engine
+            if checkpoints and (improved or last or (config.save_every and state["step"] % config.save_every == 0)):
+                _save(accelerator, unwrapped, optimizer, names, scheduler, state, config, run_dir)
+    finally:
         if progress:
-            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-            progress.update(1)
-        evaluate_now = val is not None and ((config.eval_every and state["step"] % config.eval_every == 0) or last)
-        improved = evaluate_now and _evaluate(unwrapped, processor, val, task, config, state, writer, log_file, main)
-        if checkpoints and (improved or last or (config.save_every and state["step"] % config.save_every == 0)):
-            _save(accelerator, unwrapped, optimizer, names, scheduler, state, config, run_dir)
-    if progress:
-        progress.close()
-    summary = {"steps": state["step"], "losses": state["losses"], "dropped": state["dropped"]}
-    final = run_dir / "final"
-    if main:
-        _final_save(accelerator, model, unwrapped, processor, config, final)
-        summary.update(final=str(final), best=state["best"], best_checkpoint=state["best_checkpoint"])
-        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+            progress.close()
         if writer:
             writer.close()
+    return _finish(accelerator, model, unwrapped, processor, config, run_dir, state, main)
+
+
+def _finish(accelerator, model, unwrapped, processor, config, run_dir, state, main) -> dict:
+    summary = {"steps": state["step"], "losses": state["losses"], "dropped": state["dropped"]}
+    final = run_dir / "final"
+    # Gathering a sharded model is collective: every rank takes part, the main one writes.
+    full_state = None if config.lora else accelerator.get_state_dict(model)
+    if main:
+        _final_save(unwrapped, processor, config, final, full_state)
+        summary.update(final=str(final), best=state["best"], best_checkpoint=state["best_checkpoint"])
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
+
+
+def _run_identity(config: TrainConfig) -> dict:
+    """The settings a checkpoint is only valid for: a resume with other values is refused."""
+    keys = ("model", "train_data", "strategy", "seed", "global_batch_size", "max_steps", "epochs", "lr",
+            "schedule", "warmup_steps", "weight_decay", "lora_rank", "lora_alpha", "lora_targets", "lora_vision",
+            "precision", "num_crops", "max_length", "drop_long_samples")  # fmt: skip
+    return {k: v for k, v in config.to_dict().items() if k in keys}
+
+
+def _truncate_log(log_file: Path, step: int) -> None:
+    """Drop log lines of steps after ``step`` (they are about to be run again)."""
+    if log_file.exists():
+        kept = [line for line in log_file.read_text().splitlines() if json.loads(line)["step"] <= step]
+        atomic_write_text(log_file, "".join(line + "\n" for line in kept))
 
 
 def _resume_target(config: TrainConfig, run_dir: Path) -> Path | None:
@@ -342,14 +404,6 @@ def _resume_target(config: TrainConfig, run_dir: Path) -> Path | None:
     folder = Path(config.resume)
     ckpt.verify(folder)
     return folder
-
-
-def _grad_getter(accelerator):
-    if accelerator.distributed_type.name == "DEEPSPEED":
-        from deepspeed.utils import safe_get_full_grad
-
-        return safe_get_full_grad
-    return lambda param: param.grad
 
 
 def _evaluate(model, processor, val, task, config, state, writer, log_file, main) -> bool:
@@ -363,7 +417,7 @@ def _evaluate(model, processor, val, task, config, state, writer, log_file, main
         _log(writer, log_file, {"step": state["step"], **{f"eval/{k}": v for k, v in result.metrics.items()}})
     if state["best"] is None or value > state["best"]:
         state["best"] = value
-        state["best_checkpoint"] = str(ckpt.checkpoint_dir(config.output_dir, state["step"]))
+        state["best_checkpoint"] = str(ckpt.checkpoint_dir(config.output_dir, state["step"]).resolve())
         return True
     return False
 
@@ -376,11 +430,11 @@ def _save(accelerator, unwrapped, optimizer, names, scheduler, state, config, ru
         accelerator.process_index, accelerator.num_processes, accelerator.wait_for_everyone,
     )  # fmt: skip
     if accelerator.is_main_process:
-        best = {Path(state["best_checkpoint"])} if state.get("best_checkpoint") else set()
+        best = {Path(state["best_checkpoint"]).resolve()} if state.get("best_checkpoint") else set()
         ckpt.prune(run_dir, config.keep_last, best)
 
 
-def _final_save(accelerator, model, unwrapped, processor, config, final: Path) -> None:
+def _final_save(unwrapped, processor, config, final: Path, full_state) -> None:
     if config.lora:
         # PEFT adapter (adapter_model.safetensors + adapter_config.json); the vocabulary is unchanged, so the
         # output head an lm_head adapter sits on is not copied into the adapter file
@@ -388,7 +442,7 @@ def _final_save(accelerator, model, unwrapped, processor, config, final: Path) -
         if config.model in PRESETS:  # a random preset base exists nowhere else: keep it beside the adapter
             _save_preset_base(config, final / "base")
     else:
-        unwrapped.save_pretrained(final, state_dict=accelerator.get_state_dict(model))
+        unwrapped.save_pretrained(final, state_dict=full_state)
     processor.save_pretrained(final)
     logger.info("saved the %s to %s", "adapter" if config.lora else "model", final)
 
@@ -400,13 +454,14 @@ def _save_preset_base(config: TrainConfig, directory: Path) -> None:
     processor.save_pretrained(directory)
 
 
-def _tensorboard(run_dir: Path):
+def _tensorboard(run_dir: Path, start_step: int):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard not installed: log.jsonl still has everything
         logger.warning("tensorboard is not installed; logging to log.jsonl only")
         return None
-    return SummaryWriter(str(run_dir / "tensorboard"))
+    # purge_step drops events a crashed run logged after its last checkpoint
+    return SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
 
 
 def _log(writer, log_file: Path, record: dict) -> None:

@@ -34,20 +34,27 @@ def run(source: str, args: argparse.Namespace) -> list:
     return written
 
 
-def check_written(files: list, out_dir, num_crops: int) -> bool:
-    """Run ``phi3v data check`` on each written jsonl file; print the reports. True when all are clean."""
+def check_written(files: list, out_dir, num_crops: int, processor=None) -> bool:
+    """Run ``phi3v data check`` on each written jsonl file; print the reports. True when all are clean.
+
+    Token counts use ``processor`` when given, else the official image geometry and phi3v's small tokenizer.
+    """
     from pathlib import Path
 
     from phi3v.data.check import check_file
     from phi3v.processing import Phi3VImageProcessor, Phi3VProcessor, build_tiny_tokenizer
 
-    processor = Phi3VProcessor(Phi3VImageProcessor(num_crops=num_crops), build_tiny_tokenizer(), image_token_id=32044)
+    note = f" (num_crops {num_crops})"
+    if processor is None:
+        image_processor = Phi3VImageProcessor(num_crops=num_crops)
+        processor = Phi3VProcessor(image_processor, build_tiny_tokenizer(), image_token_id=32044)
+        note = f" (num_crops {num_crops}; text counted with phi3v's small tokenizer)"
     clean = True
     for file in files:
         if file.suffix != ".jsonl":
             continue
         report = check_file(file, Path(out_dir) / "images", processor, progress=False)
-        report.tokenizer_note = f" (num_crops {num_crops}; text counted with phi3v's small tokenizer)"
+        report.tokenizer_note = note
         for problem in report.problems:
             print(problem)
         print(report.summary())

@@ -22,6 +22,7 @@ from phi3v.tasks import get_task
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames", type=int, default=4, help="frames per digits_video clip")
+    parser.add_argument("--pairs-per-scan", type=int, default=1, help="digits_pair samples per scan of a split")
     parser.add_argument("--val-fraction", type=float, default=0.15)
     parser.add_argument("--test-fraction", type=float, default=0.15)
     parser.add_argument("--limit", type=int, default=None, help="use only the first N scans (quick runs)")
@@ -55,7 +56,7 @@ def convert(args: argparse.Namespace, out: StagedOutput) -> None:
             out.add(
                 split, single_turn(f"{split}-{i:04d}", "digits", [paths[i]], single.prompt(), str(targets[i])), "digits"
             )
-        for n, i in enumerate(indices):
+        for n, i in enumerate(i for i in indices for _ in range(args.pairs_per_scan)):
             same = rng.random() < 0.5 and len(by_class[int(targets[i])]) > 1
             pool = (
                 [j for j in by_class[int(targets[i])] if j != i]
