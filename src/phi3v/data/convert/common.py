@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +161,22 @@ def safe_relative(path: Any, where: str) -> str:
     if reason := check_image_path(path):
         raise ConversionError(f"{where}: {reason}")
     return path
+
+
+def jsonl_rows(file: Path, unit: str) -> Iterator[tuple[str, Any]]:
+    """``(where, row)`` for each non-empty line of a jsonl source file, ``where`` = ``file:line``; with a progress
+    bar. A line that is not JSON raises ``ConversionError`` naming it."""
+    from tqdm import tqdm
+
+    lines = file.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(tqdm(lines, desc=file.name, unit=unit), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ConversionError(f"{file}:{number}: invalid JSON ({err.msg})") from err
+        yield f"{file}:{number}", row
 
 
 def single_turn(record_id: str, source: str, images: list[str], user: str, answer: str, references=None) -> Record:

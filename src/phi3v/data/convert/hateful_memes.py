@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from tqdm import tqdm
@@ -19,6 +18,7 @@ from phi3v.data.convert.common import (
     ConversionError,
     StagedOutput,
     image_extension,
+    jsonl_rows,
     require,
     safe_relative,
     single_turn,
@@ -61,15 +61,7 @@ def _convert_original(files: list[Path], out: StagedOutput) -> None:
     for file in files:
         split = _split_of(file.name)
         unlabelled = 0
-        lines = file.read_text(encoding="utf-8").splitlines()
-        for number, line in enumerate(tqdm(lines, desc=file.name, unit="meme"), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ConversionError(f"{file}:{number}: invalid JSON ({err.msg})") from err
-            where = f"{file}:{number}"
+        for where, row in jsonl_rows(file, "meme"):
             if isinstance(row, dict) and row.get("label") is None:
                 unlabelled += 1
                 continue

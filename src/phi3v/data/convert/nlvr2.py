@@ -11,13 +11,19 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from tqdm import tqdm
 
 from phi3v.data.convert import hf
-from phi3v.data.convert.common import ConversionError, StagedOutput, image_extension, require, single_turn
+from phi3v.data.convert.common import (
+    ConversionError,
+    StagedOutput,
+    image_extension,
+    jsonl_rows,
+    require,
+    single_turn,
+)
 from phi3v.data.schema import Record
 from phi3v.processing.chat import Turn
 from phi3v.tasks import get_task
@@ -64,15 +70,7 @@ def _convert_original(files: list[Path], image_dir: Path, out: StagedOutput) -> 
     copied: set[str] = set()
     for file in files:
         split = _ORIGINAL[file.name]
-        lines = file.read_text(encoding="utf-8").splitlines()
-        for number, line in enumerate(tqdm(lines, desc=file.name, unit="pair"), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ConversionError(f"{file}:{number}: invalid JSON ({err.msg})") from err
-            where = f"{file}:{number}"
+        for where, row in jsonl_rows(file, "pair"):
             identifier = str(require(row, "identifier", where))
             stem = identifier.rsplit("-", 1)[0]
             paths = []
