@@ -183,6 +183,36 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from phi3v.bench import run_bench, table, write_results
+
+    settings = [False, True] if args.compare else [args.reference]
+    results = []
+    for reference in settings:
+        results.append(
+            run_bench(
+                args.preset,
+                args.strategy,
+                args.batch_size,
+                args.steps,
+                args.warmup,
+                args.tokens,
+                args.num_crops,
+                reference,
+                args.packing,
+                args.peak_tflops,
+                args.device,
+            )
+        )
+    print(table(results))
+    if args.compare:
+        print(f"phi3v / reference: {results[0].samples_per_s / results[1].samples_per_s:.2f}x samples/s")
+    if args.out:
+        write_results(results, args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
 def _inference_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model directory (official format) or hub id")
     parser.add_argument("--adapter", default=None, help="PEFT adapter directory (from phi3v train)")
@@ -251,6 +281,22 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     exp.add_argument("--frames", type=int, default=None, help="frames per video used in training (manifest)")
     exp.set_defaults(func=_cmd_export)
+
+    bench = sub.add_parser("bench", help="training throughput on DocVQA-shaped synthetic samples")
+    bench.add_argument("--preset", choices=PRESETS, default="tiny")
+    bench.add_argument("--strategy", choices=["full", "frozen_vision", "lora", "qlora"], default="full")
+    bench.add_argument("--batch-size", type=int, default=2)
+    bench.add_argument("--steps", type=int, default=5, help="timed steps")
+    bench.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    bench.add_argument("--tokens", type=int, default=2450, help="tokens per sample (about DocVQA's 2,443)")
+    bench.add_argument("--num-crops", type=int, default=16)
+    bench.add_argument("--packing", action="store_true", help="pack each batch into one row")
+    bench.add_argument("--reference", action="store_true", help="the reference recipe's settings instead")
+    bench.add_argument("--compare", action="store_true", help="phi3v's and the reference's settings, and the ratio")
+    bench.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (e.g. 790 for an H100)")
+    bench.add_argument("--device", default=None)
+    bench.add_argument("--out", default=None, help="write the results as JSON")
+    bench.set_defaults(func=_cmd_bench)
 
     rep = sub.add_parser("report", help="HTML report of a training run")
     rep.add_argument("run_dir")

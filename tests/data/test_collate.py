@@ -48,3 +48,34 @@ def test_bad_batches_raise():
         collate([None, None], PAD)
     with pytest.raises(ValueError, match="different crop-slot shapes"):
         collate([_sample([1, 2], 1, slots=5), _sample([1, 2], 1, slots=17)], PAD)
+
+
+def test_packed_batch_gives_the_loss_and_gradients_of_separate_samples():
+    """Packing: one row, positions restarting per sample, attention kept inside each sample."""
+    from phi3v import build_model
+    from phi3v.processing import Phi3VProcessor
+
+    processor = Phi3VProcessor.tiny(num_crops=4)
+    from PIL import Image
+
+    conversations = [
+        [{"images": [Image.new("RGB", (90, 40), (200, 0, 0))], "user": "Colour?", "assistant": "red"}],
+        [{"user": "Say hello.", "assistant": "hello there"}],
+        [{"images": [Image.new("RGB", (40, 90), (0, 0, 200)), Image.new("RGB", (50, 50), (0, 200, 0))],
+          "user": "Two?", "assistant": "yes"}],
+    ]  # fmt: skip
+    samples = [processor.encode(c) for c in conversations]
+    grads = []
+    for pack in (False, True):
+        model = build_model("tiny").train()
+        batch = processor.collate(samples) if not pack else collate(samples, processor.pad_token_id, pack=True)
+        inputs = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        if pack:
+            assert inputs["input_ids"].shape == (1, sum(len(s.input_ids) for s in samples))
+            assert "attention_mask" not in inputs
+        loss = model(**inputs).loss
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    torch.testing.assert_close(grads[1][0], grads[0][0])
+    for name, grad in grads[0][1].items():
+        torch.testing.assert_close(grads[1][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)

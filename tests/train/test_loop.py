@@ -149,3 +149,9 @@ def test_a_first_step_without_images_is_audited_on_the_language_side_only(tmp_pa
         {"user": f"Say {i}.", "assistant": str(i)}]}) for i in range(16)) + "\n")  # fmt: skip
     summary = train(tiny_config(digits, tmp_path, train_data=str(text), max_steps=2))
     assert len(summary["losses"]) == 2
+
+
+def test_packing_gives_the_same_losses(digits, tmp_path):
+    plain = train(tiny_config(digits, tmp_path, max_steps=3, output_dir=str(tmp_path / "a")))
+    packed = train(tiny_config(digits, tmp_path, max_steps=3, packing=True, output_dir=str(tmp_path / "b")))
+    assert packed["losses"] == pytest.approx(plain["losses"], rel=1e-4)

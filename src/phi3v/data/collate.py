@@ -20,6 +20,7 @@ def collate(
     samples: Sequence[Sample | None],
     pad_token_id: int,
     padding_side: Literal["left", "right"] = "right",
+    pack: bool = False,
 ) -> dict[str, torch.Tensor | int | None]:
     """Pad ``samples`` into one batch.
 
@@ -27,12 +28,13 @@ def collate(
         samples: Encoded samples; ``None`` entries (samples dropped for length) are skipped and counted.
         pad_token_id: Id written into padding.
         padding_side: ``"right"`` for training, ``"left"`` for generation.
+        pack: Concatenate the samples into one row without padding (training only).
 
     Returns:
         ``input_ids`` ``[B, L]``, ``attention_mask`` ``[B, L]`` (1 on real tokens; built from lengths, so a real
         ``<|endoftext|>`` equal to the pad id stays visible), ``labels`` ``[B, L]`` (-100 on padding),
         ``pixel_values`` ``[n, C+1, 3, S, S]`` and ``image_sizes`` ``[n, 2]`` (``None`` without images), and
-        ``num_dropped``.
+        ``num_dropped``. With ``pack``: one row ``[1, sum L]`` with ``position_ids`` instead of a mask.
 
     Raises:
         ValueError: if every sample was dropped, or samples disagree on the number of crop slots.
@@ -40,6 +42,8 @@ def collate(
     kept = [s for s in samples if s is not None]
     if not kept:
         raise ValueError(f"all {len(samples)} samples of the batch were dropped; nothing to collate")
+    if pack:
+        return _pack(samples, kept)
     width = max(len(s.input_ids) for s in kept)
     batch = len(kept)
     input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
@@ -52,17 +56,40 @@ def collate(
         labels[row, cols] = sample.labels
         attention_mask[row, cols] = 1
 
-    with_images = [s for s in kept if s.num_images]
-    pixel_values = image_sizes = None
-    if with_images:
-        slots = {s.pixel_values.shape[1:] for s in with_images}
-        if len(slots) > 1:
-            raise ValueError(f"samples have different crop-slot shapes {sorted(slots)}; use one num_crops per batch")
-        pixel_values = torch.cat([s.pixel_values for s in with_images])
-        image_sizes = torch.cat([s.image_sizes for s in with_images])
+    pixel_values, image_sizes = _images(kept)
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
+        "labels": labels,
+        "pixel_values": pixel_values,
+        "image_sizes": image_sizes,
+        "num_dropped": len(samples) - len(kept),
+    }
+
+
+def _images(kept: Sequence[Sample]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    with_images = [s for s in kept if s.num_images]
+    if not with_images:
+        return None, None
+    slots = {s.pixel_values.shape[1:] for s in with_images}
+    if len(slots) > 1:
+        raise ValueError(f"samples have different crop-slot shapes {sorted(slots)}; use one num_crops per batch")
+    return torch.cat([s.pixel_values for s in with_images]), torch.cat([s.image_sizes for s in with_images])
+
+
+def _pack(samples: Sequence[Sample | None], kept: Sequence[Sample]) -> dict[str, torch.Tensor | int | None]:
+    """All samples in one row, no padding: ``position_ids`` restart at 0 for each sample and there is no
+    attention mask, from which transformers' Phi-3 builds a block-diagonal causal mask (attention never crosses
+    samples). A sample's first label is always -100 (its prompt), so no loss spans a boundary."""
+    input_ids = torch.cat([s.input_ids for s in kept])[None]  # [1, sum L]
+    labels = torch.cat([s.labels for s in kept])[None]
+    position_ids = torch.cat([torch.arange(len(s.input_ids)) for s in kept])[None]
+    if any(s.labels[0] != IGNORE_INDEX for s in kept):
+        raise ValueError("a packed sample starts with a supervised token; the previous sample would predict it")
+    pixel_values, image_sizes = _images(kept)
+    return {
+        "input_ids": input_ids,
+        "position_ids": position_ids,
         "labels": labels,
         "pixel_values": pixel_values,
         "image_sizes": image_sizes,

@@ -107,6 +107,8 @@ class Phi3ImageEmbedding(nn.Module):
         self.img_processor = CLIPVisionTower(vision, config.vision_layers_used)
         self.glb_GN = nn.Parameter(torch.zeros(1, 1, dim))
         self.sub_GN = nn.Parameter(torch.zeros(1, 1, 1, dim))
+        # Benchmarks switch this off to measure the official behaviour (CLIP over every slot, padding included).
+        self.skip_padding_crops = True
         self.img_projection = nn.Sequential(
             nn.Linear(dim, config.hidden_size),
             nn.GELU(),
@@ -180,7 +182,10 @@ class Phi3ImageEmbedding(nn.Module):
         # A frozen tower (frozen_vision, or LoRA without vision adapters) runs without autograd: no activations kept.
         tower_trains = torch.is_grad_enabled() and any(p.requires_grad for p in self.img_processor.parameters())
         with torch.set_grad_enabled(tower_trains):
-            patches = self.img_processor(pixel_values[keep])  # [sum(used), P*P, D]
+            if self.skip_padding_crops:
+                patches = self.img_processor(pixel_values[keep])  # [sum(used), P*P, D]
+            else:  # the official way: every slot, then the padding's features are dropped
+                patches = self.img_processor(pixel_values.flatten(0, 1))[keep.flatten()]
         feats = self._merge_2x2(patches)  # [sum(used), g, g, 4D]
 
         g = self.grid

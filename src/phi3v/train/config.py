@@ -54,6 +54,8 @@ class TrainConfig:
     """Longest sample in tokens; longer samples fail or are dropped (``drop_long_samples``)."""
     drop_long_samples: bool = False
     """Drop (and count) samples that do not fit ``max_length`` instead of stopping with an error."""
+    packing: bool = False
+    """Pack each micro-batch's samples into one row without padding (attention stays inside each sample)."""
     gradient_checkpointing: bool = True
     """Non-reentrant activation checkpointing of decoder and CLIP layers."""
 

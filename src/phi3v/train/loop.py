@@ -281,7 +281,7 @@ def train(config: TrainConfig) -> dict:
     loader = DataLoader(
         dataset,
         batch_sampler=sampler,
-        collate_fn=partial(collate, pad_token_id=processor.pad_token_id),
+        collate_fn=partial(collate, pad_token_id=processor.pad_token_id, pack=config.packing),
         num_workers=config.num_workers,
         persistent_workers=False,
     )
