@@ -127,11 +127,26 @@ def _model_and_processor(args: argparse.Namespace):
                               num_crops=args.num_crops)  # fmt: skip
 
 
+def _init_distributed(args: argparse.Namespace) -> None:
+    """Under torchrun: join the process group and take this rank's GPU, so evaluation is spread over ranks."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        cuda = torch.cuda.is_available()
+        dist.init_process_group("nccl" if cuda else "gloo")
+        if cuda and args.device is None:
+            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from phi3v.data.dataset import JsonlDataset
     from phi3v.eval.evaluate import evaluate, write_evaluation
     from phi3v.tasks import get_task
 
+    _init_distributed(args)
     model, processor = _model_and_processor(args)
     task = get_task(args.task)
     labels = None
@@ -148,6 +163,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         written = write_evaluation(result, args.out, labels)
         print(json.dumps(result.metrics, indent=2))
         print("wrote " + ", ".join(str(p) for p in written))
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
     return 0
 
 

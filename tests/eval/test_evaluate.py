@@ -69,3 +69,18 @@ def test_eval_and_generate_commands(lora_run, digits, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["eval", *args])  # missing --data: argparse explains
     assert "error" in capsys.readouterr().err
+
+
+def test_eval_spreads_over_ranks_under_torchrun(lora_run, digits, tmp_path):
+    import subprocess
+    import sys
+
+    args = ["--model", str(lora_run / "final" / "base"), "--adapter", str(lora_run / "final"),
+            "--data", str(digits / "digits_val.jsonl"), "--image-root", str(digits / "images"), "--task", "digits",
+            "--max-samples", "6", "--max-new-tokens", "4"]  # fmt: skip
+    subprocess.run([sys.executable, "-m", "phi3v", "eval", *args, "--out", str(tmp_path / "one")], check=True,
+                   capture_output=True)  # fmt: skip
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "phi3v", "eval", *args,
+                    "--out", str(tmp_path / "two")], check=True, capture_output=True)  # fmt: skip
+    one = (tmp_path / "one" / "predictions.jsonl").read_text()
+    assert one == (tmp_path / "two" / "predictions.jsonl").read_text() and len(one.splitlines()) == 6
