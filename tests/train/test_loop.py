@@ -95,26 +95,19 @@ def test_long_samples_are_dropped_up_front_and_counted(digits, tmp_path, caplog)
         train(tiny_config(digits, tmp_path, max_length=10, output_dir=str(tmp_path / "r2")))
 
 
-def test_a_global_batch_without_supervised_tokens_stops_the_run(digits, tmp_path):
-    data = tmp_path / "silent.jsonl"
-    lines = (digits / "digits_train.jsonl").read_text().splitlines()[:8]
-    data.write_text("\n".join(lines) + "\n")
-    config = tiny_config(digits, tmp_path, train_data=str(data), max_steps=1)
+def test_a_global_batch_without_supervised_tokens_stops_the_run(digits, tmp_path, monkeypatch):
     from phi3v.train import loop
 
     original = loop.collate
 
-    def no_labels(samples, pad_token_id):
-        batch = original(samples, pad_token_id)
+    def no_labels(samples, pad_token_id, **kwargs):
+        batch = original(samples, pad_token_id, **kwargs)
         batch["labels"][:] = -100
         return batch
 
-    loop.collate = no_labels
-    try:
-        with pytest.raises(TrainingError, match="step 1: the global batch has no supervised token"):
-            train(config)
-    finally:
-        loop.collate = original
+    monkeypatch.setattr(loop, "collate", no_labels)
+    with pytest.raises(TrainingError, match="step 1: the global batch has no supervised token"):
+        train(tiny_config(digits, tmp_path, max_steps=1))
 
 
 def test_corrupted_latest_checkpoint_is_skipped(digits, tmp_path):
