@@ -203,3 +203,9 @@ def test_save_arguments_of_distributed_callers(tiny, tmp_path):
     assert not (tmp_path / "skipped").exists()
     with pytest.raises(ValueError, match="safetensors only"):
         tiny.save_pretrained(tmp_path / "pickle", safe_serialization=False)
+
+
+def test_an_unreachable_hub_id_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="nobody/nothing is neither a local directory nor a hub repository"):
+        Phi3VForCausalLM.from_pretrained("nobody/nothing")

@@ -43,6 +43,7 @@ _RECOMPUTED_BUFFERS = re.compile(r"(rotary_emb\.inv_freq|embeddings\.position_id
 _VISION_LAYER = re.compile(re.escape(VISION_PREFIX) + r"encoder\.layers\.(\d+)\.")
 # Files that may be downloaded from the hub: weights as safetensors, configs, tokenizer and processor files.
 HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
+PROCESSOR_PATTERNS = ["*.json", "tokenizer.model", "*.txt", "*.jinja"]  # no weights
 
 
 def _is_unused_official(key: str, layers_built: int) -> bool:
@@ -53,8 +54,11 @@ def _is_unused_official(key: str, layers_built: int) -> bool:
     return match is not None and int(match.group(1)) >= layers_built
 
 
-def resolve_checkpoint(path_or_id: str | os.PathLike, revision: str | None = None) -> Path:
-    """A local checkpoint directory, downloading a hub id (safetensors and json only) where needed."""
+def resolve_checkpoint(
+    path_or_id: str | os.PathLike, revision: str | None = None, patterns: list[str] | None = None
+) -> Path:
+    """A local checkpoint directory, downloading a hub id where needed (``patterns``, by default safetensors,
+    json and tokenizer files: never code or pickles)."""
     path = Path(path_or_id).expanduser()
     if path.is_dir():
         return path
@@ -66,7 +70,7 @@ def resolve_checkpoint(path_or_id: str | os.PathLike, revision: str | None = Non
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(text, revision=revision, allow_patterns=HUB_ALLOW_PATTERNS))
+        return Path(snapshot_download(text, revision=revision, allow_patterns=patterns or HUB_ALLOW_PATTERNS))
     except Exception as err:  # offline, unknown repo, ...: say both things we tried
         raise FileNotFoundError(
             f"{text} is neither a local directory nor a hub repository that could be downloaded ({err})"

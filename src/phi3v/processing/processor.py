@@ -78,9 +78,9 @@ class Phi3VProcessor:
             path: Directory with ``preprocessor_config.json`` and the tokenizer files.
             num_crops: Override the saved ``num_crops`` (official advice: 16 for one image, 4 for several).
         """
-        from phi3v.model.weights import resolve_checkpoint
+        from phi3v.model.weights import PROCESSOR_PATTERNS, resolve_checkpoint
 
-        directory = resolve_checkpoint(path)
+        directory = resolve_checkpoint(path, patterns=PROCESSOR_PATTERNS)
         config_file = directory / PREPROCESSOR_FILE
         if not config_file.exists():
             raise FileNotFoundError(f"no {PREPROCESSOR_FILE} in {directory}")
