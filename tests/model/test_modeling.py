@@ -248,3 +248,19 @@ def test_batched_left_padded_generation_equals_one_by_one(tiny):
         assert torch.equal(out.sequences[row, width:], singles[row])
         # logits too: wrong position ids under left padding would shift them without changing the argmax
         torch.testing.assert_close(torch.stack([step[row] for step in out.logits]), single_logits[row])
+
+
+def test_selective_checkpointing_marks_every_other_layer_and_keeps_gradients():
+    grads = []
+    for every in (None, 2):
+        model = build_model("tiny").train()
+        if every:
+            model.enable_activation_checkpointing(every_n_layers=every)
+            clip_layers = model.model.vision_embed_tokens.img_processor.vision_model.encoder.layers
+            flags = [layer.gradient_checkpointing for layer in [*clip_layers, *model.model.layers]]
+            assert flags.count(True) == 2 and flags.count(False) == 2
+        ids, pixel_values, image_sizes = _sample(model)
+        model(input_ids=ids, pixel_values=pixel_values, image_sizes=image_sizes, labels=_labels(ids)).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)

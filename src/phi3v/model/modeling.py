@@ -76,17 +76,21 @@ class Phi3VPreTrainedModel(PreTrainedModel):
                 device = module.position_ids.device
                 module.position_ids = torch.arange(module.num_positions, device=device).expand(1, -1)
 
-    def enable_activation_checkpointing(self) -> None:
-        """Non-reentrant activation checkpointing over every decoder and CLIP layer.
+    def enable_activation_checkpointing(self, every_n_layers: int = 1) -> None:
+        """Non-reentrant activation checkpointing over the decoder and CLIP layers.
 
         Non-reentrant is required: with reentrant checkpointing and frozen inputs (frozen vision, LoRA), layers
         silently get no gradient.
+
+        Args:
+            every_n_layers: Checkpoint every n-th layer (counted over CLIP and decoder layers together) and keep
+                the others' activations: 1 is full checkpointing, 2 recomputes half the layers, and so on.
         """
         kwargs = {"use_reentrant": False}
         if hasattr(self, "activation_checkpointing_enable"):
-            self.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            self.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers)
         else:  # transformers without the new name
-            self.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            self.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers)
 
 
 class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):

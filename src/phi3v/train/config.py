@@ -58,6 +58,9 @@ class TrainConfig:
     """Pack each micro-batch's samples into one row without padding (attention stays inside each sample)."""
     gradient_checkpointing: bool = True
     """Non-reentrant activation checkpointing of decoder and CLIP layers."""
+    checkpoint_every: int = 1
+    """With ``gradient_checkpointing``: checkpoint every n-th layer only (1 = all; 2 keeps half the layers'
+    activations and recomputes less, when memory allows)."""
 
     # --- batch and length of training
     per_device_batch_size: int = 1
@@ -156,7 +159,8 @@ class TrainConfig:
             problems.append("image_root: required (the folder image paths are relative to)")
         elif not Path(self.image_root).is_dir():
             problems.append(f"image_root={self.image_root!r}: not a directory")
-        for name in ("num_crops", "max_length", "per_device_batch_size", "global_batch_size", "lora_rank"):
+        for name in ("num_crops", "max_length", "per_device_batch_size", "global_batch_size", "lora_rank",
+                     "checkpoint_every"):  # fmt: skip
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)}: must be at least 1")
         for name in ("lr", "epochs"):

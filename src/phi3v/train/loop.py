@@ -217,7 +217,7 @@ def train(config: TrainConfig) -> dict:
     model = apply_strategy(model, config)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if config.gradient_checkpointing:
-        base.enable_activation_checkpointing()
+        base.enable_activation_checkpointing(every_n_layers=config.checkpoint_every)
     counts = parameter_counts(model)
     if main:
         logger.info(
