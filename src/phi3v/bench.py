@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from phi3v.model import build_model, num_image_tokens
+from phi3v.model import build_model, num_image_tokens, without_adapters
 from phi3v.train.config import TrainConfig
 from phi3v.train.strategy import apply_strategy
 
@@ -74,7 +74,7 @@ def _synthetic_batch(model, batch_size: int, tokens: int, answer: int, num_crops
 def model_flops_per_sample(model, tokens: int, crops: int) -> float:
     """Training FLOPs of one sample (3 x forward), performance.md §2."""
     config = model.config
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = without_adapters(model)
     vision = sum(p.numel() for p in base.model.vision_embed_tokens.img_processor.parameters())
     projector = sum(p.numel() for p in base.model.vision_embed_tokens.img_projection.parameters())
     language = sum(p.numel() for p in base.parameters()) - vision - projector
@@ -108,7 +108,7 @@ def run_bench(
     config = TrainConfig(strategy=strategy, precision="fp32", lora_rank=16, lora_alpha=32)
     model = build_model(preset, device=device, dtype=dtype_ if config.lora else None)
     model = apply_strategy(model, config)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = without_adapters(model)
     if reference:
         batch_size, packing = 1, False
         base.model.vision_embed_tokens.skip_padding_crops = False

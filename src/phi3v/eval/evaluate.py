@@ -16,7 +16,8 @@ import torch
 import torch.distributed as dist
 
 from phi3v.data.dataset import JsonlDataset
-from phi3v.processing.chat import Conversation, Turn
+from phi3v.model import without_adapters
+from phi3v.processing.chat import Conversation
 from phi3v.processing.processor import MODEL_INPUTS, Phi3VProcessor
 from phi3v.tasks import Task
 from phi3v.utils import atomic_write, atomic_write_text
@@ -30,13 +31,6 @@ class Evaluation:
     predictions: list[dict]
 
 
-def prompt_of(conversation: Conversation) -> Conversation:
-    """The conversation up to the last user message (its answer is what the model must produce)."""
-    turns = [Turn(t.user, t.images, t.assistant) for t in conversation.turns]
-    turns[-1] = Turn(turns[-1].user, turns[-1].images, None)
-    return Conversation(turns, conversation.system)
-
-
 @torch.no_grad()
 def generate_answers(
     model: torch.nn.Module,
@@ -44,23 +38,31 @@ def generate_answers(
     conversations: Sequence[Conversation],
     batch_size: int = 8,
     max_new_tokens: int = 64,
+    streamer=None,
 ) -> list[str]:
-    """Greedy answers to the last turn of each conversation, in order."""
+    """Greedy answers to the last turn of each conversation, in order (its answer, if any, is not shown to
+    the model: generation-mode rendering stops after the last prompt).
+
+    Args:
+        streamer: A transformers streamer that prints tokens as they come (use with ``batch_size=1``).
+    """
     device = next(p for p in model.parameters()).device
+    dtype = without_adapters(model).dtype
     answers: list[str] = []
     for start in range(0, len(conversations), batch_size):
         chunk = conversations[start : start + batch_size]
-        samples = [processor.encode(prompt_of(c), generation=True) for c in chunk]
+        samples = [processor.encode(c, generation=True) for c in chunk]
         batch = processor.collate(samples, padding_side="left")
         inputs = {k: batch[k].to(device) for k in MODEL_INPUTS if batch[k] is not None}
         if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(next(model.parameters()).dtype)
+            inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
         output = model.generate(
             **inputs,
             max_new_tokens=max_new_tokens,
             do_sample=False,
             eos_token_id=processor.eos_token_ids,
             pad_token_id=processor.pad_token_id,
+            streamer=streamer,
         )
         width = inputs["input_ids"].shape[1]
         answers += [processor.decode(row[width:]) for row in output]

@@ -15,10 +15,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from phi3v.model import Phi3VForCausalLM
+from phi3v.model import Phi3VForCausalLM, without_adapters
 from phi3v.processing import Conversation, Phi3VProcessor, Turn
 from phi3v.processing.chat import ANSWER_SUFFIX
-from phi3v.processing.processor import MODEL_INPUTS
 
 
 def load_for_inference(
@@ -47,10 +46,6 @@ def load_for_inference(
     return base.eval(), processor
 
 
-def _base(model: torch.nn.Module) -> Phi3VForCausalLM:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 @torch.no_grad()
 def label_scores(
     model: torch.nn.Module, processor: Phi3VProcessor, conversation: Conversation, labels: Sequence[str]
@@ -63,11 +58,9 @@ def label_scores(
     Returns:
         Summed log-probabilities of each label's tokens, in ``labels`` order.
     """
-    base = _base(model)
+    base = without_adapters(model)
     device = next(model.parameters()).device
-    turns = [Turn(t.user, t.images, t.assistant) for t in conversation.turns]
-    turns[-1] = Turn(turns[-1].user, turns[-1].images, None)
-    sample = processor.encode(Conversation(turns, conversation.system), generation=True)
+    sample = processor.encode(conversation, generation=True)  # ends after the last prompt
     pixel_values = sample.pixel_values.to(device, base.dtype) if sample.pixel_values is not None else None
     sizes = sample.image_sizes.to(device) if sample.image_sizes is not None else None
     prompt = base.model.embed(sample.input_ids[None].to(device), pixel_values, sizes)  # [1, Lp, E]
@@ -96,21 +89,15 @@ def generate(
     stream: bool = False,
 ) -> str:
     """Answer one question about some images (greedy). With ``stream``, tokens are printed as they come."""
-    inputs = processor.prompt(question, list(images))
-    device = next(model.parameters()).device
-    inputs = {k: v.to(device) for k, v in inputs.items() if k in MODEL_INPUTS}
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(_base(model).dtype)
+    from phi3v.eval.evaluate import generate_answers
+
     streamer = None
     if stream:
         from transformers import TextStreamer
 
         streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    output = model.generate(
-        **inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=processor.eos_token_ids,
-        pad_token_id=processor.pad_token_id, streamer=streamer,
-    )  # fmt: skip
-    return processor.decode(output[0, inputs["input_ids"].shape[1] :])
+    conversation = Conversation([Turn(question, list(images))])
+    return generate_answers(model, processor, [conversation], 1, max_new_tokens, streamer)[0]
 
 
 def read_manifest(directory: str | os.PathLike) -> dict:

@@ -2,7 +2,7 @@
 
 from phi3v.model.configuration import Phi3VConfig
 from phi3v.model.image_embedding import Phi3ImageEmbedding, num_image_tokens
-from phi3v.model.modeling import Phi3VForCausalLM, Phi3VModel
+from phi3v.model.modeling import Phi3VForCausalLM, Phi3VModel, without_adapters
 from phi3v.model.presets import PRESETS, build_model, preset_config
 
 __all__ = [
@@ -14,4 +14,5 @@ __all__ = [
     "build_model",
     "num_image_tokens",
     "preset_config",
+    "without_adapters",
 ]

@@ -352,6 +352,11 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, GenerationMixin):
             save_pretrained(self, save_directory, state_dict=state_dict, max_shard_size=max_shard_size)
 
 
+def without_adapters(model: nn.Module) -> Phi3VForCausalLM:
+    """The Phi-3-V model inside a PEFT wrapper (its adapter layers stay in place), or ``model`` itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def supervised_loss(
     hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,8 +29,8 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from phi3v.data.collate import collate
-from phi3v.data.dataset import JsonlDataset, read_records
-from phi3v.model import Phi3VForCausalLM, build_model
+from phi3v.data.dataset import JsonlDataset
+from phi3v.model import Phi3VForCausalLM, build_model, without_adapters
 from phi3v.model.presets import PRESETS
 from phi3v.processing import Phi3VProcessor
 from phi3v.processing.chat import IGNORE_INDEX
@@ -97,7 +97,7 @@ def load_model_and_processor(config: TrainConfig) -> tuple[Phi3VForCausalLM, Phi
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> tuple[torch.optim.Optimizer, list[str]]:
     """AdamW over the trainable parameters; biases, norms and separators without weight decay."""
-    decay, no_decay, names = [], [], []
+    decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
@@ -187,9 +187,10 @@ def train(config: TrainConfig) -> dict:
     world_guess = int(os.environ.get("WORLD_SIZE", "1"))
     config.validate(world_guess)
     accumulation = config.gradient_accumulation_steps(world_guess)
+    dataset = JsonlDataset(config.train_data, config.image_root, max_length=config.max_length)
     # Text-only samples leave the image side without gradients in some steps; DDP must then look for unused
     # parameters (a little slower, so only when the data needs it).
-    text_only = any(not record.image_paths for record in read_records(config.train_data))
+    text_only = any(not record.image_paths for record in dataset.records)
     accelerator = make_accelerator(config, accumulation, find_unused_parameters=text_only)
     world, rank = accelerator.num_processes, accelerator.process_index
     if world != world_guess:
@@ -215,9 +216,8 @@ def train(config: TrainConfig) -> dict:
     seed_everything(config.seed)
     model, processor = load_model_and_processor(config)
     model = apply_strategy(model, config)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if config.gradient_checkpointing:
-        base.enable_activation_checkpointing(every_n_layers=config.checkpoint_every)
+        without_adapters(model).enable_activation_checkpointing(every_n_layers=config.checkpoint_every)
     counts = parameter_counts(model)
     if main:
         logger.info(
@@ -228,7 +228,7 @@ def train(config: TrainConfig) -> dict:
         for name, c in counts.items():
             logger.info("%-10s trainable %14s of %14s parameters", name, f"{c['trainable']:,}", f"{c['total']:,}")
 
-    dataset = JsonlDataset(config.train_data, config.image_root, processor, config.max_length)
+    dataset.processor = processor
     if config.drop_long_samples:
         dropped = dataset.drop_long()  # up front, so that no batch is left empty and every rank drops the same
         if main:
