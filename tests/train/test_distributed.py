@@ -27,19 +27,108 @@ def _losses(run_dir):
     return json.loads((run_dir / "summary.json").read_text())["losses"]
 
 
-@pytest.mark.parametrize("strategy", ["full", "lora"])
-def test_two_processes_match_one_with_the_same_global_batch(digits, tmp_path, strategy):
+def _torchrun(config_path):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+    return _run([*launcher, "-m", "phi3v", "train", str(config_path)])
+
+
+def _weights(run_dir):
+    final = run_dir / "final"
+    name = "model.safetensors" if (final / "model.safetensors").exists() else "adapter_model.safetensors"
+    return load_file(final / name)
+
+
+# Tolerance: the same samples per step and a token-weighted loss, so 1 and 2 processes differ only in the order of
+# float sums (all-reduce, reduce-scatter): 1e-5 relative on the loss, 1e-5 absolute on the final weights.
+ENGINE_CASES = [
+    ("full", "ddp", 4),
+    ("lora", "ddp", 4),
+    ("full", "deepspeed_zero2", 2),  # batch 2 per device: 2 accumulation steps of 2 x 2 samples
+    ("lora", "deepspeed_zero2", 4),
+    ("full", "fsdp2", 2),
+    ("lora", "fsdp2", 4),
+]
+
+
+ENGINE_TYPES = {"ddp": "MULTI_CPU", "deepspeed_zero2": "DEEPSPEED", "fsdp2": "FSDP"}
+
+
+@pytest.mark.parametrize(("strategy", "engine", "per_device"), ENGINE_CASES)
+def test_two_processes_match_one_with_the_same_global_batch(digits, tmp_path, strategy, engine, per_device):
     one = _write_config(tiny_config(digits, tmp_path, strategy=strategy, output_dir=str(tmp_path / "one")),
                         tmp_path / "one.yaml")  # fmt: skip
-    two = _write_config(tiny_config(digits, tmp_path, strategy=strategy, output_dir=str(tmp_path / "two")),
+    two = _write_config(tiny_config(digits, tmp_path, strategy=strategy, engine=engine,
+                                    per_device_batch_size=per_device, output_dir=str(tmp_path / "two")),
                         tmp_path / "two.yaml")  # fmt: skip
     _run([sys.executable, "-m", "phi3v", "train", str(one)])
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "phi3v", "train", str(two)])
+    log = _torchrun(two).stderr
+    assert f"on {ENGINE_TYPES[engine]} ({engine}), 2 process(es)" in log  # the engine ran; no silent fallback
     a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert len(a) == len(b) == 6
-    # Same samples per step, token-weighted loss: only the order of float sums differs between 1 and 2 processes.
     for x, y in zip(a, b, strict=True):
         assert abs(x - y) <= 1e-5 * max(1.0, abs(x)), (a, b)
+    want, got = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    assert want.keys() == got.keys()
+    for key in want:
+        assert (want[key] - got[key]).abs().max() <= 1e-5, key
+
+
+@pytest.mark.parametrize("engine", ["deepspeed_zero2", "fsdp2"])
+def test_sharded_engines_resume_exactly(digits, tmp_path, engine):
+    """Resuming from step 3's checkpoint reproduces steps 4-6 and the final weights bit for bit; this fails if
+    the sharded optimizer state (ZeRO partitions, FSDP2 DTensor moments) is not restored."""
+    settings = dict(strategy="full", engine=engine, per_device_batch_size=2, save_every=1, keep_last=6)
+    reference = tmp_path / "ref"
+    _torchrun(_write_config(tiny_config(digits, tmp_path, output_dir=str(reference), **settings),
+                            tmp_path / "ref.yaml"))  # fmt: skip
+    step3 = reference / "checkpoints" / "step-0000003"
+    expected = {"deepspeed_zero2": ["zero-rank0.safetensors", "zero-rank1.safetensors"],
+                "fsdp2": ["optimizer.safetensors"]}[engine]  # fmt: skip
+    assert all((step3 / name).exists() for name in expected)
+
+    resumed = tmp_path / "resumed"
+    _torchrun(_write_config(tiny_config(digits, tmp_path, output_dir=str(resumed), resume=str(step3), **settings),
+                            tmp_path / "resumed.yaml"))  # fmt: skip
+    assert _losses(resumed) == _losses(reference)
+    want, got = _weights(reference), _weights(resumed)
+    for key in want:
+        assert (want[key] == got[key]).all(), key
+
+
+def test_deepspeed_checkpoint_needs_the_same_number_of_processes(digits, tmp_path):
+    settings = dict(strategy="full", engine="deepspeed_zero2", max_steps=2, save_every=1)
+    first = tmp_path / "first"
+    _torchrun(_write_config(tiny_config(digits, tmp_path, output_dir=str(first), **settings), tmp_path / "a.yaml"))
+    again = _write_config(tiny_config(digits, tmp_path, output_dir=str(tmp_path / "again"), per_device_batch_size=8,
+                                      resume=str(first / "checkpoints" / "step-0000001"), **settings),
+                          tmp_path / "b.yaml")  # fmt: skip
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "-m", "phi3v",
+                             "train", str(again)], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode != 0
+    assert "written by 2 processes" in result.stderr and "resume with 2, not 1" in result.stderr
+
+
+def test_accelerate_launch_runs_deepspeed_like_torchrun(digits, tmp_path):
+    config = _write_config(tiny_config(digits, tmp_path, engine="deepspeed_zero2", max_steps=3,
+                                       output_dir=str(tmp_path / "acc")), tmp_path / "acc.yaml")  # fmt: skip
+    reference = _write_config(tiny_config(digits, tmp_path, max_steps=3, output_dir=str(tmp_path / "one")),
+                              tmp_path / "one.yaml")  # fmt: skip
+    _run([sys.executable, "-m", "phi3v", "train", str(reference)])
+    _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "phi3v", "train",
+          str(config)])  # fmt: skip
+    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "acc")
+    assert len(b) == 3
+    for x, y in zip(a, b, strict=True):
+        assert abs(x - y) <= 1e-5 * max(1.0, abs(x)), (a, b)
+
+
+def test_sharded_engines_need_a_launcher(digits, tmp_path):
+    config = _write_config(tiny_config(digits, tmp_path, engine="fsdp2"), tmp_path / "c.yaml")
+    result = subprocess.run([sys.executable, "-m", "phi3v", "train", str(config)], capture_output=True, text=True,
+                            timeout=600)  # fmt: skip
+    assert result.returncode == 2
+    assert "engine=fsdp2 shards the training state across processes" in result.stderr
 
 
 def test_sigkill_then_resume_continues_exactly(digits, tmp_path):

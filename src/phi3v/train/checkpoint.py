@@ -3,7 +3,8 @@
 A checkpoint ``RUN/checkpoints/step-0000050/`` holds
 
 * ``trainable.safetensors``: every trainable parameter (all weights for full fine-tuning, adapters for LoRA);
-* ``optimizer.safetensors`` + ``optimizer.json``: AdamW moments by parameter name, and the param groups;
+* ``optimizer.safetensors`` + ``optimizer.json``: AdamW moments by parameter name, and the param groups
+  (DeepSpeed instead: ``zero-rank{r}.safetensors`` + ``.json``, each rank's ZeRO partition);
 * ``scheduler.json``, ``trainer_state.json`` (step, losses, best metric);
 * ``rng-rank{r}.safetensors`` + ``rng-rank{r}.json``: every rank's torch, CUDA, NumPy and Python RNG states;
 * ``manifest.json``, written last: the size and SHA-256 of every file.
@@ -163,16 +164,18 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
 def save_checkpoint(
     run_dir: str | os.PathLike,
     step: int,
-    trainable: dict[str, torch.Tensor],
-    optimizer: torch.optim.Optimizer,
-    names: list[str],
+    state: dict[str, Any],
     scheduler: Any,
     trainer_state: dict,
     rank: int,
     world_size: int,
     barrier,
 ) -> Path:
-    """Write a checkpoint (rank 0 writes model and optimizer, every rank its RNG state)."""
+    """Write a checkpoint: rank 0 the weights and optimizer, every rank its RNG state (and ZeRO partition).
+
+    ``state`` is ``engine.training_state``'s: ``trainable`` and ``optimizer`` (on rank 0), ``rank_optimizer``
+    (per rank, DeepSpeed only).
+    """
     final = checkpoint_dir(run_dir, step)
     staging = final.parent / f".tmp-{final.name}"
     if rank == 0:
@@ -183,11 +186,17 @@ def save_checkpoint(
     tensors, meta = rng_state()
     save_file(tensors, staging / f"rng-rank{rank}.safetensors")
     atomic_write_text(staging / f"rng-rank{rank}.json", json.dumps(meta))
+    if state.get("rank_optimizer") is not None:
+        tensors, meta = state["rank_optimizer"]
+        save_file(tensors, staging / f"zero-rank{rank}.safetensors")
+        atomic_write_text(staging / f"zero-rank{rank}.json", json.dumps(meta))
     if rank == 0:
-        save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, staging / "trainable.safetensors")
-        opt_tensors, opt_meta = optimizer_state(optimizer, names)
-        save_file(opt_tensors, staging / "optimizer.safetensors")
-        atomic_write_text(staging / "optimizer.json", json.dumps(opt_meta))
+        trainable = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state["trainable"].items()}
+        save_file(trainable, staging / "trainable.safetensors")
+        if state.get("optimizer") is not None:
+            opt_tensors, opt_meta = state["optimizer"]
+            save_file(opt_tensors, staging / "optimizer.safetensors")
+            atomic_write_text(staging / "optimizer.json", json.dumps(opt_meta))
         atomic_write_text(staging / "scheduler.json", json.dumps(scheduler.state_dict()))
         atomic_write_text(staging / "trainer_state.json", json.dumps({**trainer_state, "world_size": world_size}))
     barrier()
@@ -206,15 +215,23 @@ def load_checkpoint(folder: Path, rank: int) -> dict:
     rng_file = folder / f"rng-rank{rank}.safetensors"
     if not rng_file.exists():
         raise CheckpointError(f"{rng_file}: missing; resume with the same number of processes as the run")
-    return {
+    loaded = {
         "trainable": load_file(folder / "trainable.safetensors"),
-        "optimizer": load_file(folder / "optimizer.safetensors"),
-        "optimizer_meta": json.loads((folder / "optimizer.json").read_text()),
+        "optimizer": None,
+        "optimizer_meta": None,
+        "rank_optimizer": None,
         "scheduler": json.loads((folder / "scheduler.json").read_text()),
         "trainer_state": json.loads((folder / "trainer_state.json").read_text()),
         "rng": load_file(rng_file),
         "rng_meta": json.loads((folder / f"rng-rank{rank}.json").read_text()),
     }
+    if (folder / "optimizer.safetensors").exists():
+        loaded["optimizer"] = load_file(folder / "optimizer.safetensors")
+        loaded["optimizer_meta"] = json.loads((folder / "optimizer.json").read_text())
+    zero = folder / f"zero-rank{rank}.safetensors"
+    if zero.exists():
+        loaded["rank_optimizer"] = (load_file(zero), json.loads(zero.with_suffix(".json").read_text()))
+    return loaded
 
 
 def prune(run_dir: str | os.PathLike, keep_last: int, keep: set[Path]) -> None:

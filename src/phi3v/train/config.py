@@ -193,11 +193,6 @@ class TrainConfig:
             )
         if self.precision == "fp16" and self.attention == "flash_attention_2":
             problems.append("precision=fp16 with attention=flash_attention_2: flash attention needs bf16 (or use sdpa)")
-        if self.resolved_engine in ("deepspeed_zero2", "fsdp2"):
-            import torch
-
-            if not torch.cuda.is_available():
-                problems.append(f"engine={self.engine}: DeepSpeed ZeRO-2 and FSDP2 need CUDA GPUs; use ddp on a CPU")
         if self.strategy == "qlora" and self.resolved_engine != "ddp":
             problems.append(f"strategy=qlora runs on ddp only, not engine={self.engine}")
         from phi3v.tasks import TASKS

@@ -1,7 +1,7 @@
 """The training recipe, written out: setup, step, evaluate, save, resume.
 
 Accelerate runs the engine (single process or DDP; DeepSpeed ZeRO-2 and FSDP2 through its plugins) and mixed
-precision; everything else is here, top to bottom.
+precision; ``engine.py`` holds what differs between engines; everything else is here, top to bottom.
 
 Batches. Optimizer step ``s`` uses the samples ``perm[s*G : (s+1)*G]`` of a seeded per-epoch permutation, ``G`` the
 global batch. Rank ``r``'s micro-batch ``m`` is the slice ``[(m*world + r)*B, +B)`` of it. The samples of a step
@@ -37,6 +37,7 @@ from phi3v.processing.chat import IGNORE_INDEX
 from phi3v.tasks import get_task
 from phi3v.train import checkpoint as ckpt
 from phi3v.train.config import TrainConfig
+from phi3v.train.engine import make_accelerator, restore_training_state, training_state
 from phi3v.train.strategy import apply_strategy, component, parameter_counts
 from phi3v.utils import atomic_write_text
 
@@ -106,6 +107,7 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> tuple[torch.o
         {"params": [p for _, p in decay], "weight_decay": config.weight_decay},
         {"params": [p for _, p in no_decay], "weight_decay": 0.0},
     ]
+    groups = [g for g in groups if g["params"]]  # DeepSpeed drops empty groups (LoRA has no 1-d parameters)
     names = [n for n, _ in decay] + [n for n, _ in no_decay]
     fused = torch.cuda.is_available() and all(p.is_cuda for _, p in decay + no_decay)
     optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.adam_betas, eps=config.adam_eps, fused=fused)
@@ -122,36 +124,6 @@ def lr_lambda(step: int, config: TrainConfig, total_steps: int) -> float:
     if config.schedule == "cosine":
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return max(0.0, 1.0 - progress)
-
-
-def make_accelerator(config: TrainConfig, accumulation: int, find_unused_parameters: bool = False):
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
-
-    mixed = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[config.precision]
-    engine = config.resolved_engine
-    kwargs = {"kwargs_handlers": [DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)]}
-    if engine == "deepspeed_zero2":
-        from accelerate.utils import DeepSpeedPlugin
-
-        # Everything "auto" in zero2.json is stated here: no DataLoader goes through prepare() to infer it.
-        ds_config = json.loads(Path(__file__).with_name("zero2.json").read_text())
-        ds_config.update(
-            train_micro_batch_size_per_gpu=config.per_device_batch_size,
-            train_batch_size=config.global_batch_size,
-            gradient_accumulation_steps=accumulation,
-            gradient_clipping=config.max_grad_norm,
-        )
-        ds_config["bf16"]["enabled"] = config.precision == "bf16"
-        ds_config["fp16"]["enabled"] = config.precision == "fp16"
-        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds_config)
-    elif engine == "fsdp2":
-        from accelerate.utils import FullyShardedDataParallelPlugin
-
-        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=False)
-    # Without a GPU, Accelerate only forms a (gloo) process group when told to run on the CPU.
-    cpu = not torch.cuda.is_available()
-    return Accelerator(mixed_precision=mixed, gradient_accumulation_steps=accumulation, cpu=cpu, **kwargs)
 
 
 def audit_gradients(model: torch.nn.Module, get_grad, skip_image_side: bool = False) -> None:
@@ -199,12 +171,6 @@ def train(config: TrainConfig) -> dict:
     if expected and accelerator.distributed_type.name != expected:  # never fall back silently
         raise TrainingError(
             f"engine {config.resolved_engine} requested, Accelerate runs {accelerator.distributed_type.name}"
-        )
-    checkpoints = expected is None
-    if not checkpoints and (config.save_every or config.resume):
-        raise TrainingError(
-            f"engine {config.resolved_engine}: intermediate checkpoints and resume are implemented for ddp only so far "
-            "(the optimizer state is sharded); set save_every=0 and resume=null, or use engine=ddp"
         )
     main = accelerator.is_main_process
     run_dir = Path(config.output_dir)
@@ -259,15 +225,7 @@ def train(config: TrainConfig) -> dict:
             listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
             raise TrainingError(f"{resume_from} was written by a run with other settings ({listed}); resume with "
                                 "the same settings or start a new output_dir")  # fmt: skip
-        params = dict(unwrapped.named_parameters())
-        missing = sorted(set(loaded["trainable"]) ^ {n for n, p in params.items() if p.requires_grad})
-        if missing:
-            raise TrainingError(f"{resume_from}: trainable parameters differ from this run's: {missing[:5]}")
-        with torch.no_grad():
-            for name, tensor in loaded["trainable"].items():
-                params[name].copy_(tensor)
-        ckpt.load_optimizer_state(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
-                                  loaded["optimizer"], loaded["optimizer_meta"], names)  # fmt: skip
+        restore_training_state(accelerator, model, unwrapped, optimizer, names, loaded)
         scheduler.load_state_dict(loaded["scheduler"])
         state.update({k: v for k, v in loaded["trainer_state"].items() if k in state})
         if state["scaler"] is not None and accelerator.scaler is not None:
@@ -355,10 +313,8 @@ def train(config: TrainConfig) -> dict:
             improved = evaluate_now and _evaluate(
                 unwrapped, processor, val, task, config, state, writer, log_file, main
             )
-            if improved and not checkpoints:
-                state["best_checkpoint"] = None  # no checkpoint is written on this engine
-            if checkpoints and (improved or last or (config.save_every and state["step"] % config.save_every == 0)):
-                _save(accelerator, unwrapped, optimizer, names, scheduler, state, config, run_dir)
+            if improved or last or (config.save_every and state["step"] % config.save_every == 0):
+                _save(accelerator, model, unwrapped, optimizer, names, scheduler, state, config, run_dir)
     finally:
         if progress:
             progress.close()
@@ -371,7 +327,8 @@ def _finish(accelerator, model, unwrapped, processor, config, run_dir, state, ma
     summary = {"steps": state["step"], "losses": state["losses"], "dropped": state["dropped"]}
     final = run_dir / "final"
     # Gathering a sharded model is collective: every rank takes part, the main one writes.
-    full_state = None if config.lora else accelerator.get_state_dict(model)
+    # (LoRA adapters are whole on every process, except under FSDP2, which shards them like the rest.)
+    full_state = accelerator.get_state_dict(model) if accelerator.is_fsdp2 or not config.lora else None
     if main:
         _final_save(unwrapped, processor, config, final, full_state)
         summary.update(final=str(final), best=state["best"], best_checkpoint=state["best_checkpoint"])
@@ -422,11 +379,10 @@ def _evaluate(model, processor, val, task, config, state, writer, log_file, main
     return False
 
 
-def _save(accelerator, unwrapped, optimizer, names, scheduler, state, config, run_dir) -> None:
-    trainable = {n: p for n, p in unwrapped.named_parameters() if p.requires_grad}
-    inner = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
+def _save(accelerator, model, unwrapped, optimizer, names, scheduler, state, config, run_dir) -> None:
+    pieces = training_state(accelerator, model, unwrapped, optimizer, names)  # collective (sharded engines)
     ckpt.save_checkpoint(
-        run_dir, state["step"], trainable, inner, names, scheduler, state,
+        run_dir, state["step"], pieces, scheduler, state,
         accelerator.process_index, accelerator.num_processes, accelerator.wait_for_everyone,
     )  # fmt: skip
     if accelerator.is_main_process:
@@ -438,7 +394,7 @@ def _final_save(unwrapped, processor, config, final: Path, full_state) -> None:
     if config.lora:
         # PEFT adapter (adapter_model.safetensors + adapter_config.json); the vocabulary is unchanged, so the
         # output head an lm_head adapter sits on is not copied into the adapter file
-        unwrapped.save_pretrained(final, save_embedding_layers=False)
+        unwrapped.save_pretrained(final, state_dict=full_state, save_embedding_layers=False)
         if config.model in PRESETS:  # a random preset base exists nowhere else: keep it beside the adapter
             _save_preset_base(config, final / "base")
     else:
