@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from phi3v.model import build_model, num_image_tokens, without_adapters
+from phi3v.processing.image import Phi3VImageProcessor
 from phi3v.train.config import TrainConfig
 from phi3v.train.strategy import apply_strategy
 
@@ -65,8 +66,9 @@ def _synthetic_batch(model, batch_size: int, tokens: int, answer: int, num_crops
         label[-answer:] = row[-answer:]
         ids.append(row)
         labels.append(label)
-    pixel_values = torch.zeros(batch_size, num_crops + 1, 3, s, s)
-    pixel_values[:, : 1 + h * w] = torch.randn(batch_size, 1 + h * w, 3, s, s, generator=generator)
+    # uint8 crops as the data-loader workers ship them (slot 0, the global view, is made on the device)
+    pixel_values = torch.zeros(batch_size, num_crops + 1, 3, s, s, dtype=torch.uint8)
+    pixel_values[:, 1 : 1 + h * w] = torch.randint(0, 256, (batch_size, h * w, 3, s, s), generator=generator)
     image_sizes = torch.tensor([[h * s, w * s]] * batch_size)
     return torch.stack(ids), torch.stack(labels), pixel_values, image_sizes
 
@@ -100,6 +102,7 @@ def run_bench(
     peak_tflops: float | None = None,
     device: str | None = None,
     dtype: str = "auto",
+    compile: bool = False,
 ) -> BenchResult:
     """Time ``steps`` optimizer steps after ``warmup`` and report throughput and memory."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -114,6 +117,9 @@ def run_bench(
         base.model.vision_embed_tokens.skip_padding_crops = False
     if reference or device.startswith("cuda"):  # full checkpointing: the reference's; on a GPU, memory needs it
         base.enable_activation_checkpointing()
+    if compile and not reference:
+        base.compile_layers()
+    images = Phi3VImageProcessor(num_crops=num_crops, crop_size=model.config.crop_size)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device.startswith("cuda"))
@@ -125,7 +131,9 @@ def run_bench(
     for step in range(warmup + steps):
         fetch = time.perf_counter()
         ids, labels, pixel_values, image_sizes = _synthetic_batch(model, batch_size, tokens, 4, num_crops, generator)
-        inputs = {"input_ids": ids, "pixel_values": pixel_values.to(dtype_), "image_sizes": image_sizes}
+        if reference:  # the reference's workers ship normalised float crops
+            pixel_values = images.finish(pixel_values, image_sizes).to(dtype_)
+        inputs = {"input_ids": ids, "pixel_values": pixel_values, "image_sizes": image_sizes}
         if packing:
             inputs["input_ids"] = ids.reshape(1, -1)
             inputs["position_ids"] = torch.arange(ids.shape[1]).repeat(batch_size)[None]
@@ -135,6 +143,8 @@ def run_bench(
         waited = time.perf_counter() - fetch
         _sync(device)
         start = time.perf_counter()
+        if not reference:  # normalisation and the global view on the device, inside the timed step
+            inputs["pixel_values"] = images.finish(inputs["pixel_values"], image_sizes).to(dtype_)
         with autocast:
             if reference:  # logits at every position, then the loss over the whole vocabulary
                 logits = model(**inputs).logits

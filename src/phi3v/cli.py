@@ -220,6 +220,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                 args.packing,
                 args.peak_tflops,
                 args.device,
+                compile=args.compile and not reference,
             )
         )
     print(table(results))
@@ -313,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--compare", action="store_true", help="phi3v's and the reference's settings, and the ratio")
     bench.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (e.g. 790 for an H100)")
     bench.add_argument("--device", default=None)
+    bench.add_argument("--compile", action="store_true", help="torch.compile the decoder and CLIP layers")
     bench.add_argument("--out", default=None, help="write the results as JSON")
     bench.set_defaults(func=_cmd_bench)
 

@@ -158,3 +158,19 @@ def test_tiny_crop_size():
     assert out["pixel_values"].shape == (1, 5, 3, 56, 56)
     assert out["image_sizes"].tolist() == [[112, 112]]
     assert out["num_img_tokens"] == [(4 + 1) * 4 + 1 + 3 * 2]
+
+
+def test_uint8_crops_finished_on_the_device_equal_the_float_path():
+    """Workers ship uint8 crops; ``finish`` (normalise, global view from the reassembled image, empty slots zero)
+    gives the float pipeline's pixel_values: the same float operations on the same values."""
+    processor = Phi3VImageProcessor(num_crops=6)
+    images = [PHOTOS["astronaut"], PHOTOS["page"], PHOTOS["digit"], PHOTOS["coffee"].rotate(90, expand=True)]
+    plain = processor(images)
+    shipped = processor(images, uint8=True)
+    assert shipped["pixel_values"].dtype == torch.uint8
+    assert (shipped["pixel_values"][:, 0] == 0).all()  # the global view is made on the device
+    assert torch.equal(shipped["image_sizes"], plain["image_sizes"])
+    finished = processor.finish(shipped["pixel_values"], shipped["image_sizes"])
+    assert finished.dtype == torch.float32 and finished.shape == plain["pixel_values"].shape
+    assert (finished - plain["pixel_values"]).abs().max() <= 1e-6
+    assert shipped["pixel_values"].element_size() * 4 == plain["pixel_values"].element_size()

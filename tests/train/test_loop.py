@@ -144,6 +144,19 @@ def test_a_first_step_without_images_is_audited_on_the_language_side_only(tmp_pa
     assert len(summary["losses"]) == 2
 
 
+def test_uint8_crops_and_compiled_layers_give_the_same_losses(digits, tmp_path, caplog):
+    """Float crops from the workers vs uint8 ones finished in the loop, and eager vs ``torch.compile``d layers
+    (inductor, with activation checkpointing): the same losses within 1e-5."""
+    settings = dict(max_steps=2, gradient_checkpointing=True)
+    plain = train(tiny_config(digits, tmp_path, uint8_pixels=False, output_dir=str(tmp_path / "a"), **settings))
+    shipped = train(tiny_config(digits, tmp_path, uint8_pixels=True, output_dir=str(tmp_path / "b"), **settings))
+    with caplog.at_level("INFO", logger="phi3v"):
+        compiled = train(tiny_config(digits, tmp_path, compile=True, output_dir=str(tmp_path / "c"), **settings))
+    assert "torch.compile: 4 layers" in caplog.text  # 2 decoder + 2 CLIP layers of the tiny model
+    assert shipped["losses"] == pytest.approx(plain["losses"], rel=1e-5)
+    assert compiled["losses"] == pytest.approx(plain["losses"], rel=1e-5)
+
+
 def test_packing_gives_the_same_losses(digits, tmp_path):
     plain = train(tiny_config(digits, tmp_path, max_steps=3, output_dir=str(tmp_path / "a")))
     packed = train(tiny_config(digits, tmp_path, max_steps=3, packing=True, output_dir=str(tmp_path / "b")))

@@ -60,6 +60,7 @@ class JsonlDataset(Dataset):
         on_overflow: ``"error"`` or ``"drop"`` for samples longer than ``max_length`` (dropped items are ``None``,
             which the collator counts).
         system: Optional system message for every conversation.
+        uint8_pixels: Encode crops as uint8 for ``Phi3VImageProcessor.finish`` on the device (training).
     """
 
     def __init__(
@@ -70,6 +71,7 @@ class JsonlDataset(Dataset):
         max_length: int | None = None,
         on_overflow: Literal["error", "drop"] = "error",
         system: str | None = None,
+        uint8_pixels: bool = False,
     ):
         self.path = Path(path)
         self.image_root = Path(image_root)
@@ -77,6 +79,7 @@ class JsonlDataset(Dataset):
         self.max_length = max_length
         self.on_overflow = on_overflow
         self.system = system
+        self.uint8_pixels = uint8_pixels
         self.records = read_records(self.path)
 
     def __len__(self) -> int:
@@ -127,6 +130,8 @@ class JsonlDataset(Dataset):
             conversation = self.conversation(index)
             if self.processor is None:
                 return conversation
-            return self.processor.encode(conversation, max_length=self.max_length, on_overflow=self.on_overflow)
+            return self.processor.encode(
+                conversation, max_length=self.max_length, on_overflow=self.on_overflow, uint8_pixels=self.uint8_pixels
+            )
         except ValueError as err:  # ImageError, TruncationError, tag problems
             raise DataError(f"{self.path}:{record.line} (id {record.id}): {err}") from err

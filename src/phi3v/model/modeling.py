@@ -92,6 +92,15 @@ class Phi3VPreTrainedModel(PreTrainedModel):
         else:  # transformers without the new name
             self.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers)
 
+    def compile_layers(self) -> int:
+        """``torch.compile`` each decoder and CLIP layer in place (dynamic shapes: sequence lengths vary); returns
+        how many. Per layer rather than the whole model, so that the image merge, the variable number of crops
+        and activation checkpointing stay in eager mode."""
+        layers = [*self.model.layers, *self.model.vision_embed_tokens.img_processor.vision_model.encoder.layers]
+        for layer in layers:
+            layer.compile(dynamic=True)
+        return len(layers)
+
 
 class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
     """Phi-3 decoder whose input embeddings carry image features at the image-token positions."""

@@ -160,6 +160,10 @@ class Phi3VImageProcessor:
 
     def hd_image(self, image: Image.Image) -> torch.Tensor:
         """Steps 1-7: the normalised, padded HD image ``[3, h*S, w*S]`` (float32)."""
+        return self.normalize(self.hd_pixels(image))
+
+    def hd_pixels(self, image: Image.Image) -> torch.Tensor:
+        """Steps 1-6: the resized, white-padded HD image ``[3, h*S, w*S]`` as uint8 (no rounding: PIL's output)."""
         image = to_rgb(image)
         geo = self.geometry(*image.size)
         if geo.transposed:
@@ -170,10 +174,13 @@ class Phi3VImageProcessor:
         canvas.paste(image, (0, geo.top))
         if geo.transposed:
             canvas = canvas.transpose(Image.Transpose.TRANSPOSE)
-        pixels = torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1).float().div_(255)  # [3, H, W]
-        mean = torch.tensor(self.image_mean).view(3, 1, 1)
-        std = torch.tensor(self.image_std).view(3, 1, 1)
-        return (pixels - mean) / std
+        return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1)  # [3, H, W] uint8
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Step 7: uint8 ``[..., 3, H, W]`` -> float32 ``(x / 255 - mean) / std``, on the tensor's device."""
+        mean = torch.tensor(self.image_mean, device=pixels.device).view(3, 1, 1)
+        std = torch.tensor(self.image_std, device=pixels.device).view(3, 1, 1)
+        return (pixels.float().div_(255) - mean) / std
 
     def crops(self, hd: torch.Tensor) -> torch.Tensor:
         """Steps 8-10: ``[3, h*S, w*S]`` -> ``[C+1, 3, S, S]`` (global view, row-major crops, zero slots)."""
@@ -189,28 +196,63 @@ class Phi3VImageProcessor:
         slots[1 : 1 + h * w] = tiles
         return slots
 
-    def __call__(self, images: Image.Image | Sequence[Image.Image]) -> dict:
+    def uint8_crops(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Steps 8-10 without the global view: uint8 ``[3, h*S, w*S]`` -> ``[C+1, 3, S, S]`` uint8, slot 0 empty.
+
+        ``finish`` makes the model input from it on the training device; the crops travel at a quarter of the
+        float32 size.
+        """
+        s = self.crop_size
+        _, height, width = pixels.shape
+        h, w = height // s, width // s
+        if h * w > self.num_crops:
+            raise ValueError(f"a {h}x{w} crop grid exceeds num_crops={self.num_crops}")
+        slots = pixels.new_zeros(self.num_crops + 1, 3, s, s)
+        slots[1 : 1 + h * w] = pixels.reshape(3, h, s, w, s).permute(1, 3, 0, 2, 4).reshape(h * w, 3, s, s)
+        return slots
+
+    def finish(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
+        """uint8 crops from ``uint8_crops`` -> the float32 ``pixel_values`` of ``crops``, on their device.
+
+        Normalises the crops, puts each HD image back together from them for the bicubic global view (the same
+        float arithmetic as ``crops``), and zeroes the empty slots.
+
+        Args:
+            pixel_values: ``[n, C+1, 3, S, S]`` uint8.
+            image_sizes: ``[n, 2]`` padded HD (height, width).
+        """
+        s = self.crop_size
+        out = self.normalize(pixel_values)
+        for i, (height, width) in enumerate(image_sizes.tolist()):
+            h, w = height // s, width // s
+            hd = out[i, 1 : 1 + h * w].reshape(h, w, 3, s, s).permute(2, 0, 3, 1, 4).reshape(1, 3, h * s, w * s)
+            out[i, 0] = F.interpolate(hd, size=(s, s), mode="bicubic", align_corners=False)[0]
+            out[i, 1 + h * w :] = 0
+        return out
+
+    def __call__(self, images: Image.Image | Sequence[Image.Image], uint8: bool = False) -> dict:
         """Process images.
 
         Args:
             images: One PIL image or a list.
+            uint8: Return uint8 crops without the global view (``uint8_crops``), for ``finish`` on the device.
 
         Returns:
-            ``pixel_values`` ``[n, C+1, 3, S, S]`` float32, ``image_sizes`` ``[n, 2]`` long (padded HD height,
-            width), ``num_img_tokens`` list of ``n`` ints.
+            ``pixel_values`` ``[n, C+1, 3, S, S]`` float32 (uint8 with ``uint8``), ``image_sizes`` ``[n, 2]``
+            long (padded HD height, width), ``num_img_tokens`` list of ``n`` ints.
         """
         if isinstance(images, Image.Image):
             images = [images]
         pixel_values, sizes, counts = [], [], []
         for image in images:
-            hd = self.hd_image(image)
-            pixel_values.append(self.crops(hd))
-            sizes.append(hd.shape[1:])
+            pixels = self.hd_pixels(image)
+            pixel_values.append(self.uint8_crops(pixels) if uint8 else self.crops(self.normalize(pixels)))
+            sizes.append(pixels.shape[1:])
             counts.append(self.num_image_tokens(*image.size))
         if not pixel_values:
             s = self.crop_size
             return {
-                "pixel_values": torch.zeros(0, self.num_crops + 1, 3, s, s),
+                "pixel_values": torch.zeros(0, self.num_crops + 1, 3, s, s, dtype=torch.uint8 if uint8 else None),
                 "image_sizes": torch.zeros(0, 2, dtype=torch.long),
                 "num_img_tokens": [],
             }

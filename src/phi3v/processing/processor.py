@@ -146,6 +146,7 @@ class Phi3VProcessor:
         generation: bool = False,
         max_length: int | None = None,
         on_overflow: Literal["error", "drop"] = "error",
+        uint8_pixels: bool = False,
     ) -> Sample | None:
         """Encode a conversation into a ``Sample``.
 
@@ -155,6 +156,8 @@ class Phi3VProcessor:
             max_length: Cut samples longer than this; a cut may never fall inside or before an image span.
             on_overflow: What to do with a sample that cannot be cut: ``"error"`` raises ``TruncationError``,
                 ``"drop"`` returns ``None`` (the collator counts it).
+            uint8_pixels: Keep the crops uint8 (see ``Phi3VImageProcessor.finish``), for data-loader workers
+                that ship them to a GPU.
 
         Returns:
             The sample, or ``None`` when dropped.
@@ -178,7 +181,7 @@ class Phi3VProcessor:
             rendered.labels = rendered.labels[:max_length]
         sample = Sample(torch.tensor(rendered.input_ids), torch.tensor(rendered.labels))
         if images:
-            processed = self.image_processor([images[i] for i in rendered.image_order])
+            processed = self.image_processor([images[i] for i in rendered.image_order], uint8=uint8_pixels)
             sample.pixel_values = processed["pixel_values"]
             sample.image_sizes = processed["image_sizes"]
         return sample

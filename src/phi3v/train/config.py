@@ -56,6 +56,10 @@ class TrainConfig:
     """Drop (and count) samples that do not fit ``max_length`` instead of stopping with an error."""
     packing: bool = False
     """Pack each micro-batch's samples into one row without padding (attention stays inside each sample)."""
+    uint8_pixels: bool = True
+    """Data-loader workers ship uint8 crops; normalisation and the global view are computed on the device."""
+    compile: bool = False
+    """``torch.compile`` every decoder and CLIP layer (dynamic shapes); the first steps are slower while it compiles."""
     gradient_checkpointing: bool = True
     """Non-reentrant activation checkpointing of decoder and CLIP layers."""
     checkpoint_every: int = 1

@@ -184,6 +184,10 @@ def train(config: TrainConfig) -> dict:
     model = apply_strategy(model, config)
     if config.gradient_checkpointing:
         without_adapters(model).enable_activation_checkpointing(every_n_layers=config.checkpoint_every)
+    if config.compile:
+        compiled = without_adapters(model).compile_layers()
+        if main:
+            logger.info("torch.compile: %d layers", compiled)
     counts = parameter_counts(model)
     if main:
         logger.info(
@@ -195,6 +199,7 @@ def train(config: TrainConfig) -> dict:
             logger.info("%-10s trainable %14s of %14s parameters", name, f"{c['trainable']:,}", f"{c['total']:,}")
 
     dataset.processor = processor
+    dataset.uint8_pixels = config.uint8_pixels
     if config.drop_long_samples:
         dropped = dataset.drop_long()  # up front, so that no batch is left empty and every rank drops the same
         if main:
@@ -242,6 +247,7 @@ def train(config: TrainConfig) -> dict:
         collate_fn=partial(collate, pad_token_id=processor.pad_token_id, pack=config.packing),
         num_workers=config.num_workers,
         persistent_workers=False,
+        pin_memory=accelerator.device.type == "cuda",  # page-locked batches: the copies to the GPU run async
     )
     batches = iter(loader)  # draws the loader's base seed from the torch RNG ...
     if resume_from is not None:
@@ -269,7 +275,11 @@ def train(config: TrainConfig) -> dict:
             divisor = global_tokens / (accumulation * world)
             step_loss = torch.zeros((), device=accelerator.device)
             for b in micro:
-                inputs = {k: v.to(accelerator.device) for k, v in b.items() if isinstance(v, torch.Tensor)}
+                inputs = {k: v.to(accelerator.device, non_blocking=True) for k, v in b.items()
+                          if isinstance(v, torch.Tensor)}  # fmt: skip
+                if inputs.get("pixel_values") is not None and inputs["pixel_values"].dtype == torch.uint8:
+                    # sizes from the host copy: reading them from the device would wait for the copy
+                    inputs["pixel_values"] = processor.image_processor.finish(inputs["pixel_values"], b["image_sizes"])
                 with accelerator.accumulate(model):
                     out = model(**inputs, num_items_in_batch=divisor)
                     accelerator.backward(out.loss)
