@@ -106,26 +106,35 @@ def find_resumable(run_dir: str | os.PathLike) -> Path | None:
 def optimizer_state(optimizer: torch.optim.Optimizer, names: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
     """Tensors of the optimizer state keyed ``{param name}/{key}``, and the json-able rest."""
     state = optimizer.state_dict()
+    return split_moments({names[i]: values for i, values in state["state"].items()}, state["param_groups"], names)
+
+
+def split_moments(by_name: dict[str, dict], param_groups: list[dict], names: list[str]) -> tuple[dict, dict]:
+    """Per-parameter optimizer state (name -> {key: value}) as (tensors ``{name}/{key}``, json meta)."""
     tensors, scalars = {}, {}
-    for index, values in state["state"].items():
+    for name, values in by_name.items():
         for key, value in values.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{names[index]}/{key}"] = value.detach().cpu().contiguous()
+                tensors[f"{name}/{key}"] = value.detach().to("cpu", copy=True).contiguous()
             else:
-                scalars[f"{names[index]}/{key}"] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars, "names": names}
+                scalars[f"{name}/{key}"] = value
+    return tensors, {"param_groups": param_groups, "scalars": scalars, "names": names}
+
+
+def join_moments(tensors: dict[str, torch.Tensor], meta: dict, names: list[str]) -> dict[str, dict]:
+    """The inverse of ``split_moments``: name -> {key: value}; checks the parameter list first."""
+    if meta["names"] != names:
+        raise CheckpointError("the optimizer's parameters differ from the checkpoint's (another strategy or model?)")
+    by_name: dict[str, dict[str, Any]] = {}
+    for key, value in [*tensors.items(), *meta["scalars"].items()]:
+        name, field = key.rsplit("/", 1)
+        by_name.setdefault(name, {})[field] = value
+    return by_name
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict, meta: dict, names: list[str]) -> None:
-    if meta["names"] != names:
-        raise CheckpointError("the optimizer's parameters differ from the checkpoint's (another strategy or model?)")
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        name, field = key.rsplit("/", 1)
-        state.setdefault(names.index(name), {})[field] = value
-    for key, value in meta["scalars"].items():
-        name, field = key.rsplit("/", 1)
-        state.setdefault(names.index(name), {})[field] = value
+    by_name = join_moments(tensors, meta, names)
+    state = {names.index(name): values for name, values in by_name.items()}
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 

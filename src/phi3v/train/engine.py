@@ -129,15 +129,8 @@ def training_state(accelerator, model, unwrapped, optimizer, names: list[str]) -
 
 def _by_name(moments: dict, names: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
     """torch's name-keyed (full) optimizer state dict in our checkpoint layout (see ``ckpt.optimizer_state``)."""
-    tensors, scalars = {}, {}
-    for name, values in moments["state"].items():
-        for key, value in values.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{name}/{key}"] = value.detach().to("cpu", copy=True).contiguous()
-            else:
-                scalars[f"{name}/{key}"] = value
     groups = [{**g, "params": [names.index(p) for p in g["params"]]} for g in moments["param_groups"]]
-    return tensors, {"param_groups": groups, "scalars": scalars, "names": names}
+    return ckpt.split_moments(moments["state"], groups, names)
 
 
 def zero_partition_state(zero_optimizer) -> tuple[dict[str, torch.Tensor], Any]:
@@ -166,17 +159,11 @@ def restore_training_state(accelerator, model, unwrapped, optimizer, names: list
             set_optimizer_state_dict,
         )
 
-        tensors, meta = loaded["optimizer"], loaded["optimizer_meta"]
-        if meta["names"] != names:
-            raise ckpt.CheckpointError("the optimizer's parameters differ from the checkpoint's")
-        moments: dict[str, Any] = {"state": {}, "param_groups": []}
-        for key, value in tensors.items():
-            name, field = key.rsplit("/", 1)
-            moments["state"].setdefault(name, {})[field] = value
-        for key, value in meta["scalars"].items():
-            name, field = key.rsplit("/", 1)
-            moments["state"].setdefault(name, {})[field] = value
-        moments["param_groups"] = [{**g, "params": [names[i] for i in g["params"]]} for g in meta["param_groups"]]
+        meta = loaded["optimizer_meta"]
+        moments = {
+            "state": ckpt.join_moments(loaded["optimizer"], meta, names),
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in meta["param_groups"]],
+        }
         options = StateDictOptions(full_state_dict=True, strict=False)  # every process holds the whole state
         set_model_state_dict(model, loaded["trainable"], options=options)
         set_optimizer_state_dict(model, _inner(optimizer), moments, options=options)
