@@ -20,7 +20,9 @@ def _write_config(config, path):
 
 
 def _run(args, **kwargs):
-    return subprocess.run(args, check=True, capture_output=True, text=True, timeout=600, **kwargs)
+    result = subprocess.run(args, capture_output=True, text=True, timeout=600, **kwargs)
+    assert result.returncode == 0, f"{' '.join(args)} exited {result.returncode}:\n{result.stderr[-4000:]}"
+    return result
 
 
 def _losses(run_dir):
@@ -28,7 +30,7 @@ def _losses(run_dir):
 
 
 def _torchrun(config_path):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     return _run([*launcher, "-m", "phi3v", "train", str(config_path)])
 
 
@@ -102,8 +104,9 @@ def test_deepspeed_checkpoint_needs_the_same_number_of_processes(digits, tmp_pat
     again = _write_config(tiny_config(digits, tmp_path, output_dir=str(tmp_path / "again"), per_device_batch_size=8,
                                       resume=str(first / "checkpoints" / "step-0000001"), **settings),
                           tmp_path / "b.yaml")  # fmt: skip
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "-m", "phi3v",
-                             "train", str(again)], capture_output=True, text=True, timeout=600)  # fmt: skip
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
+    result = subprocess.run([*launcher, "-m", "phi3v", "train", str(again)], capture_output=True, text=True,
+                            timeout=600)  # fmt: skip
     assert result.returncode != 0
     assert "written by 2 processes" in result.stderr and "resume with 2, not 1" in result.stderr
 
