@@ -184,35 +184,33 @@ class Phi3VImageProcessor:
 
     def crops(self, hd: torch.Tensor) -> torch.Tensor:
         """Steps 8-10: ``[3, h*S, w*S]`` -> ``[C+1, 3, S, S]`` (global view, row-major crops, zero slots)."""
+        slots = self.tile_slots(hd)
+        slots[0] = self._global_view(hd)
+        return slots
+
+    def tile_slots(self, hd: torch.Tensor) -> torch.Tensor:
+        """Steps 9-10: ``[3, h*S, w*S]`` -> ``[C+1, 3, S, S]`` of ``hd``'s dtype: row-major crops from slot 1,
+        zeros elsewhere, slot 0 (the global view) left empty.
+
+        On uint8 pixels this is what data-loader workers ship: a quarter of the float32 size; ``finish`` makes
+        the model input from it on the training device.
+        """
         s = self.crop_size
         _, height, width = hd.shape
         h, w = height // s, width // s
         if h * w > self.num_crops:
             raise ValueError(f"a {h}x{w} crop grid exceeds num_crops={self.num_crops}")
-        global_view = F.interpolate(hd[None], size=(s, s), mode="bicubic", align_corners=False)  # [1, 3, S, S]
-        tiles = hd.reshape(3, h, s, w, s).permute(1, 3, 0, 2, 4).reshape(h * w, 3, s, s)  # row-major crops
         slots = hd.new_zeros(self.num_crops + 1, 3, s, s)
-        slots[0] = global_view[0]
-        slots[1 : 1 + h * w] = tiles
+        slots[1 : 1 + h * w] = hd.reshape(3, h, s, w, s).permute(1, 3, 0, 2, 4).reshape(h * w, 3, s, s)
         return slots
 
-    def uint8_crops(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Steps 8-10 without the global view: uint8 ``[3, h*S, w*S]`` -> ``[C+1, 3, S, S]`` uint8, slot 0 empty.
-
-        ``finish`` makes the model input from it on the training device; the crops travel at a quarter of the
-        float32 size.
-        """
+    def _global_view(self, hd: torch.Tensor) -> torch.Tensor:
+        """Step 8: the whole HD image ``[3, H, W]`` resized to one ``[3, S, S]`` crop (bicubic, as the official)."""
         s = self.crop_size
-        _, height, width = pixels.shape
-        h, w = height // s, width // s
-        if h * w > self.num_crops:
-            raise ValueError(f"a {h}x{w} crop grid exceeds num_crops={self.num_crops}")
-        slots = pixels.new_zeros(self.num_crops + 1, 3, s, s)
-        slots[1 : 1 + h * w] = pixels.reshape(3, h, s, w, s).permute(1, 3, 0, 2, 4).reshape(h * w, 3, s, s)
-        return slots
+        return F.interpolate(hd[None], size=(s, s), mode="bicubic", align_corners=False)[0]
 
     def finish(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
-        """uint8 crops from ``uint8_crops`` -> the float32 ``pixel_values`` of ``crops``, on their device.
+        """uint8 slots from ``tile_slots`` -> the float32 ``pixel_values`` of ``crops``, on their device.
 
         Normalises the crops, puts each HD image back together from them for the bicubic global view (the same
         float arithmetic as ``crops``), and zeroes the empty slots.
@@ -225,8 +223,8 @@ class Phi3VImageProcessor:
         out = self.normalize(pixel_values)
         for i, (height, width) in enumerate(image_sizes.tolist()):
             h, w = height // s, width // s
-            hd = out[i, 1 : 1 + h * w].reshape(h, w, 3, s, s).permute(2, 0, 3, 1, 4).reshape(1, 3, h * s, w * s)
-            out[i, 0] = F.interpolate(hd, size=(s, s), mode="bicubic", align_corners=False)[0]
+            hd = out[i, 1 : 1 + h * w].reshape(h, w, 3, s, s).permute(2, 0, 3, 1, 4).reshape(3, h * s, w * s)
+            out[i, 0] = self._global_view(hd)
             out[i, 1 + h * w :] = 0
         return out
 
@@ -235,7 +233,7 @@ class Phi3VImageProcessor:
 
         Args:
             images: One PIL image or a list.
-            uint8: Return uint8 crops without the global view (``uint8_crops``), for ``finish`` on the device.
+            uint8: Return uint8 crops without the global view (``tile_slots``), for ``finish`` on the device.
 
         Returns:
             ``pixel_values`` ``[n, C+1, 3, S, S]`` float32 (uint8 with ``uint8``), ``image_sizes`` ``[n, 2]``
@@ -246,7 +244,7 @@ class Phi3VImageProcessor:
         pixel_values, sizes, counts = [], [], []
         for image in images:
             pixels = self.hd_pixels(image)
-            pixel_values.append(self.uint8_crops(pixels) if uint8 else self.crops(self.normalize(pixels)))
+            pixel_values.append(self.tile_slots(pixels) if uint8 else self.crops(self.normalize(pixels)))
             sizes.append(pixels.shape[1:])
             counts.append(self.num_image_tokens(*image.size))
         if not pixel_values:

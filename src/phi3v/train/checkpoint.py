@@ -225,6 +225,7 @@ def load_checkpoint(folder: Path, rank: int) -> dict:
     if not rng_file.exists():
         raise CheckpointError(f"{rng_file}: missing; resume with the same number of processes as the run")
     loaded = {
+        "folder": folder,
         "trainable": load_file(folder / "trainable.safetensors"),
         "optimizer": None,
         "optimizer_meta": None,

@@ -117,12 +117,12 @@ def training_state(accelerator, model, unwrapped, optimizer, names: list[str]) -
             state["trainable"] = {n: t for n, t in weights.items() if n in trainable_names}
             state["optimizer"] = _by_name(moments, names)
         return state
-    if is_deepspeed(accelerator):
+    deepspeed = is_deepspeed(accelerator)
+    if deepspeed:  # the moments live in each process's partition
         state["rank_optimizer"] = zero_partition_state(_inner(optimizer))
-        optimizer = None  # its moments are in the partitions
     if main:
-        state["trainable"] = {n: p for n, p in unwrapped.named_parameters() if p.requires_grad}
-        if optimizer is not None:
+        state["trainable"] = {n: p for n, p in unwrapped.named_parameters() if n in trainable_names}
+        if not deepspeed:
             state["optimizer"] = ckpt.optimizer_state(_inner(optimizer), names)
     return state
 
@@ -151,7 +151,7 @@ def restore_training_state(accelerator, model, unwrapped, optimizer, names: list
     params = dict(unwrapped.named_parameters())
     missing = sorted(set(loaded["trainable"]) ^ {n for n, p in params.items() if p.requires_grad})
     if missing:
-        raise EngineError(f"the checkpoint's trainable parameters differ from this run's: {missing[:5]}")
+        raise EngineError(f"{loaded['folder']}: trainable parameters differ from this run's: {missing[:5]}")
     if accelerator.is_fsdp2:
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
@@ -176,7 +176,7 @@ def restore_training_state(accelerator, model, unwrapped, optimizer, names: list
         saved_world = loaded["trainer_state"].get("world_size")
         if saved_world != accelerator.num_processes:
             raise EngineError(
-                f"this DeepSpeed checkpoint was written by {saved_world} processes; ZeRO partitions the optimizer "
+                f"{loaded['folder']}: written by {saved_world} processes; DeepSpeed's ZeRO partitions the optimizer "
                 f"state by process, so resume with {saved_world}, not {accelerator.num_processes}"
             )
         restore_zero_partition(_inner(optimizer), loaded["rank_optimizer"], accelerator.process_index,
