@@ -26,7 +26,7 @@ def test_forward_backward_reaches_every_parameter(tiny):
     ids, pixel_values, image_sizes = _sample(tiny)
     out = tiny(input_ids=ids, pixel_values=pixel_values, image_sizes=image_sizes, labels=_labels(ids))
     assert torch.isfinite(out.loss) and out.logits is None
-    assert out.past_key_values is None  # no KV cache is built for a training step
+    assert out.cache is None  # no KV cache is built for a training step
     out.loss.backward()
     no_grad = [n for n, p in tiny.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     # Separators start at zero like the official init but still get gradients; only nothing may be left out.
@@ -113,10 +113,7 @@ def test_text_only_logits_equal_transformers_phi3(tiny, start):
 
 def test_generation_across_the_rope_switch_matches_uncached():
     """Crossing original_max_position_embeddings drops the short-rope cache and re-runs the prompt with images."""
-    config = preset_config("tiny")
-    data = config.to_official_dict()
-    data.update(original_max_position_embeddings=60, max_position_embeddings=1920)
-    model = build_model(Phi3VConfig.from_official_dict(data))
+    model = _switch_model()
     ids, pixel_values, image_sizes = _sample(model)
     assert ids.shape[1] < 60 < ids.shape[1] + 12
     kwargs = dict(
@@ -135,6 +132,49 @@ def test_generation_across_the_rope_switch_matches_uncached():
     # Logits, not just tokens: a stale short-rope cache shifts them by ~4e-3 here without flipping the argmax.
     for step, (a, b) in enumerate(zip(cached.logits, uncached.logits, strict=True)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=f"step {step}")
+
+
+def _switch_model():
+    data = preset_config("tiny").to_official_dict()
+    data.update(original_max_position_embeddings=60, max_position_embeddings=1920)
+    return build_model(Phi3VConfig.from_official_dict(data))
+
+
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_the_cache_reset_finds_the_cache_under_either_name(name):
+    """transformers 5.24 renamed past_key_values to cache; the reset must see it under the release's name."""
+    model = _switch_model()
+    ids, pixel_values, image_sizes = _sample(model)
+    cache = model(input_ids=ids, pixel_values=pixel_values, image_sizes=image_sizes, use_cache=True).cache
+    assert 0 < cache.get_seq_length() <= 60
+    longer = torch.cat([ids, torch.full((1, 61 - ids.shape[1]), 7)], dim=1)
+    inputs = model.prepare_inputs_for_generation(longer, **{name: cache}, use_cache=True, pixel_values=pixel_values)
+    assert inputs.get("cache") is None and inputs.get("past_key_values") is None
+    assert inputs["input_ids"].shape[1] == 61  # the whole sequence is re-run ...
+    assert inputs["pixel_values"] is pixel_values  # ... with its images
+
+
+def test_a_missed_cache_reset_raises_instead_of_giving_other_tokens(monkeypatch):
+    """If a transformers release hands the cache over where the override cannot see it, generation must stop with
+    an error rather than extend a short-rope cache past the switch (about 4 logits off at full size)."""
+    from transformers import GenerationMixin
+
+    from phi3v.model.modeling import Phi3VForCausalLM
+
+    model = _switch_model()
+    ids, pixel_values, image_sizes = _sample(model)
+    monkeypatch.setattr(
+        Phi3VForCausalLM, "prepare_inputs_for_generation", GenerationMixin.prepare_inputs_for_generation
+    )
+    with pytest.raises(RuntimeError, match="past the rope switch at 60"):
+        model.generate(input_ids=ids, pixel_values=pixel_values, image_sizes=image_sizes, max_new_tokens=12,
+                       do_sample=False, eos_token_id=None, pad_token_id=model.config.pad_token_id)  # fmt: skip
+    # A cache that already holds long-rope positions (a prompt past the switch) may grow: nothing to re-run.
+    monkeypatch.undo()
+    long_prompt = torch.cat([ids, torch.full((1, 70 - ids.shape[1]), 7)], dim=1)
+    out = model.generate(input_ids=long_prompt, pixel_values=pixel_values, image_sizes=image_sizes, max_new_tokens=3,
+                         do_sample=False, eos_token_id=None, pad_token_id=model.config.pad_token_id)  # fmt: skip
+    assert out.shape[1] == 73
 
 
 def test_sdpa_equals_eager_with_padding():

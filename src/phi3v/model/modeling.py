@@ -16,13 +16,15 @@ Weights load from and save to the official checkpoint layout; see ``weights.py``
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import os
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import Cache, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.clip.modeling_clip import CLIPVisionEmbeddings
 from transformers.models.phi3.modeling_phi3 import Phi3Model, Phi3RotaryEmbedding
@@ -31,6 +33,26 @@ from phi3v.model.configuration import Phi3VConfig
 from phi3v.model.image_embedding import Phi3ImageEmbedding
 
 IGNORE_INDEX = -100
+
+# transformers 5.24 renamed the KV-cache argument and output field from ``past_key_values`` to ``cache``. The names
+# are read from the installed release, so that the cache is never passed or returned under a name it ignores.
+_CACHE_NAMES = ("cache", "past_key_values")
+
+
+def _cache_name(names: set[str], where: str) -> str:
+    for name in _CACHE_NAMES:
+        if name in names:
+            return name
+    raise ImportError(
+        f"{where} names its KV cache neither {' nor '.join(_CACHE_NAMES)}; phi3v's long-context cache reset cannot "
+        "work with this transformers release. Install the versions in constraints.txt."
+    )
+
+
+_DECODER_CACHE_ARG = _cache_name(set(inspect.signature(Phi3Model.forward).parameters), "Phi3Model.forward")
+_OUTPUT_CACHE_FIELD = _cache_name(
+    {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}, "CausalLMOutputWithPast"
+)
 
 
 class Phi3VPreTrainedModel(PreTrainedModel):
@@ -213,7 +235,7 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Any = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
@@ -229,7 +251,8 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, GenerationMixin):
             input_ids: ``[B, L]`` token ids; image positions negative or ``config.image_token_id``.
             attention_mask: ``[B, L]``, 1 for real tokens, 0 for padding.
             position_ids: ``[B, L]``; defaults to ``0..L-1`` after the cached length.
-            past_key_values: KV cache for generation.
+            cache: KV cache for generation (also accepted as ``past_key_values``, the name before transformers
+                5.24).
             inputs_embeds: ``[B, L, E]`` instead of ``input_ids``.
             pixel_values: ``[n, C+1, 3, S, S]`` HD crops of the images, in placeholder order.
             image_sizes: ``[n, 2]`` padded HD sizes in pixels.
@@ -242,9 +265,18 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, GenerationMixin):
                 so that gradient accumulation weights every token equally.
 
         Returns:
-            ``loss`` (with labels; mean cross-entropy over supervised tokens) and ``logits`` ``[B, L', V]``
-            (float32; ``None`` with labels, since the head then runs only at supervised positions).
+            ``loss`` (with labels; mean cross-entropy over supervised tokens), ``logits`` ``[B, L', V]``
+            (float32; ``None`` with labels, since the head then runs only at supervised positions) and the cache.
+
+        Raises:
+            RuntimeError: if a cache filled with short-rope keys would be extended past the rope switch (the
+                generation-time reset did not happen, so the outputs would differ from the official model's).
         """
+        if "past_key_values" in kwargs:
+            if cache is not None:
+                raise ValueError("pass the KV cache as cache or past_key_values, not both")
+            cache = kwargs.pop("past_key_values")
+        self._check_rope_switch(cache, input_ids if input_ids is not None else inputs_embeds)
         if use_cache is None:  # a KV cache is only worth building to generate
             use_cache = labels is None and not self.training
         outputs = self.model(
@@ -254,8 +286,8 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
+            **{_DECODER_CACHE_ARG: cache},
             **kwargs,
         )
         hidden = outputs.last_hidden_state  # [B, L, E]
@@ -267,31 +299,43 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, GenerationMixin):
             if logits_to_keep:
                 hidden = hidden[:, -logits_to_keep:]
             logits = self.lm_head(hidden).float()
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, **{_OUTPUT_CACHE_FIELD: getattr(outputs, _OUTPUT_CACHE_FIELD)}
+        )
 
-    def prepare_inputs_for_generation(
-        self,
-        input_ids: torch.LongTensor,
-        past_key_values: Any = None,
-        is_first_iteration: bool | None = False,
-        **kwargs: Any,
-    ) -> dict[str, Any]:
+    def _check_rope_switch(self, cache: Cache | None, inputs: torch.Tensor | None) -> None:
+        """Refuse to extend a short-rope cache past ``original_max_position_embeddings``.
+
+        Keys cached while the sequence was within the original context were rotated with the short factors; once
+        the sequence passes it, the official model uses the long factors for every position, so the whole sequence
+        must be re-run (``prepare_inputs_for_generation`` drops the cache). If a transformers release hands the
+        cache over in a way that override does not see, this raises instead of producing other tokens.
+        """
+        if cache is None or inputs is None:
+            return
+        limit = self.config.original_max_position_embeddings
+        cached = cache.get_seq_length()
+        if 0 < cached <= limit < cached + inputs.shape[1]:
+            raise RuntimeError(
+                f"a KV cache of {cached} short-rope positions would be extended to {cached + inputs.shape[1]}, past "
+                f"the rope switch at {limit}; the official model re-runs the sequence there. The cache reset in "
+                "prepare_inputs_for_generation did not happen: this transformers release is not supported "
+                "(install the versions in constraints.txt)"
+            )
+
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, *args: Any, **kwargs: Any) -> dict[str, Any]:
         # Phi-3's rope switches from short to long factors once the sequence passes the original context; the
         # cached keys were rotated with short factors, so the official code drops the cache and re-runs the whole
-        # sequence (images included) the first time that happens.
+        # sequence (images included) the first time that happens. The cache arrives under the release's name.
+        if args:
+            raise TypeError("prepare_inputs_for_generation takes input_ids and keyword arguments only")
+        name = next((n for n in _CACHE_NAMES if kwargs.get(n) is not None), None)
         limit = self.config.original_max_position_embeddings
-        if (
-            past_key_values is not None
-            and input_ids.shape[1] > limit
-            and past_key_values.get_seq_length() <= limit
-            and past_key_values.get_seq_length() > 0
-        ):
-            past_key_values = None
+        if name is not None and input_ids.shape[1] > limit and 0 < kwargs[name].get_seq_length() <= limit:
+            kwargs[name] = None
             kwargs["next_sequence_length"] = None
-            is_first_iteration = True
-        return super().prepare_inputs_for_generation(
-            input_ids, past_key_values=past_key_values, is_first_iteration=is_first_iteration, **kwargs
-        )
+            kwargs["is_first_iteration"] = True
+        return super().prepare_inputs_for_generation(input_ids, **kwargs)
 
     # ---- official checkpoint format -----------------------------------------------------------------------------
 
