@@ -19,7 +19,7 @@ from PIL import Image
 
 from phi3v.processing.chat import IGNORE_INDEX, Conversation, Rendered, Turn, check_tags, render, tokenize_prompt
 from phi3v.processing.image import Phi3VImageProcessor, load_image
-from phi3v.processing.tokenizer import build_tiny_tokenizer, load_tokenizer, special_ids
+from phi3v.processing.tokenizer import build_tiny_tokenizer, load_tokenizer, special_ids, write_tokenizer_files
 from phi3v.utils import atomic_write_text
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
@@ -105,7 +105,7 @@ class Phi3VProcessor:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         data = self.image_processor.to_dict() | {"image_token_id": self.image_token_id}
-        self.tokenizer.save_pretrained(directory)
+        write_tokenizer_files(self.tokenizer, directory)
         atomic_write_text(directory / PREPROCESSOR_FILE, json.dumps(data, indent=2) + "\n")
 
     # ---- encoding ---------------------------------------------------------------------------------------------
