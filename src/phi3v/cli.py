@@ -56,7 +56,7 @@ def _cmd_model_info(args: argparse.Namespace) -> int:
     if args.preset:
         model = build_model(args.preset, device="meta")
     else:
-        model = Phi3VForCausalLM.from_pretrained(args.path, device="cpu")
+        model = Phi3VForCausalLM.from_pretrained(args.path, device_map="cpu")
     state = model.state_dict()
     info = {
         "parameters": _component_counts(model),

@@ -1,10 +1,14 @@
-"""Small shared helpers: atomic file writes."""
+"""Small shared helpers: atomic file writes, and where the official code lives."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 from collections.abc import Callable
+
+# Microsoft's hub repository; `auto_map` entries of the files phi3v writes point there, so that
+# `trust_remote_code=True` loaders (transformers 4.x, vLLM) find the original code.
+OFFICIAL_REPO = "microsoft/Phi-3.5-vision-instruct"
 
 
 def stage_file(folder: str | os.PathLike, write: Callable[[str], None]) -> str:

@@ -50,7 +50,10 @@ def test_reads_the_official_preprocessor_config(processor, tmp_path):
     assert loaded.image_token_id == 511  # read from the tokenizer's <|image|>, never assumed
     loaded.save_pretrained(tmp_path / "again")  # official keys it does not use survive a round trip
     again = json.loads((tmp_path / "again" / "preprocessor_config.json").read_text())
-    assert again["auto_map"] == official["auto_map"] and again["num_img_tokens"] == 144
+    # auto_map is written pointing at Microsoft's hub files: a local "processing_phi3_v" reference would need
+    # the .py files beside it, which phi3v never writes.
+    assert again["auto_map"]["AutoProcessor"] == "microsoft/Phi-3.5-vision-instruct--processing_phi3_v.Phi3VProcessor"
+    assert again["num_img_tokens"] == 144
 
 
 def test_broken_processor_files_are_named(processor, tmp_path):

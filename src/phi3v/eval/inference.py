@@ -32,7 +32,7 @@ def load_for_inference(
     The processor files are read from the adapter directory when it has them (training saves them there), else
     from the model directory.
     """
-    base = Phi3VForCausalLM.from_pretrained(model, dtype=dtype, device=device)
+    base = Phi3VForCausalLM.from_pretrained(model, dtype=dtype, device_map=device)
     processor_dir = model
     if adapter is not None:
         from peft import PeftModel

@@ -29,7 +29,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import CLIPVisionConfig, Phi3Config
 from transformers.configuration_utils import SubConfigSpec
 
-from phi3v.utils import atomic_write_text
+from phi3v.utils import OFFICIAL_REPO, atomic_write_text
 
 # CLIP ViT-L/14-336 exactly as the official modeling code hard-codes it (spec §2.2).
 CLIP_VIT_L14_336 = {
@@ -63,8 +63,6 @@ DEFAULT_IMG_PROCESSOR = {
     "num_img_tokens": 144,
 }
 
-# Where the official code lives; written into `auto_map` so that `trust_remote_code=True` loaders find it.
-OFFICIAL_REPO = "microsoft/Phi-3.5-vision-instruct"
 
 # Fields we write in the official file order; everything else we know is appended after them.
 _OFFICIAL_FIELDS = (

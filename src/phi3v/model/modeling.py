@@ -210,6 +210,14 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, GenerationMixin):
     """
 
     _tied_weights_keys: dict[str, str] = {}
+    # Official tensors that are not built (CLIP layers past the one read, post_layernorm) and buffers some
+    # exporters include; `from_pretrained` reads the former aside, so the load stays quiet about them.
+    _keys_to_ignore_on_load_unexpected = [
+        r"vision_model\.encoder\.layers\.\d+\.",
+        r"vision_model\.post_layernorm\.",
+        r"rotary_emb\.inv_freq$",
+        r"embeddings\.position_ids$",
+    ]
 
     def __init__(self, config: Phi3VConfig):
         super().__init__(config)
@@ -341,40 +349,62 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_pretrained(
-        cls,
-        pretrained_model_name_or_path: str | os.PathLike,
-        *,
-        dtype: torch.dtype | str | None = None,
-        device: torch.device | str | None = None,
-        attn_implementation: str = "sdpa",
-        revision: str | None = None,
-        **unsupported: Any,
+        cls, pretrained_model_name_or_path: str | os.PathLike, *model_args: Any, **kwargs: Any
     ) -> Phi3VForCausalLM:
-        """Load an official or phi3v checkpoint directory (safetensors only, no remote code).
+        """Load an official or phi3v checkpoint with transformers' own loader (safetensors only, no remote code).
 
-        Args:
-            pretrained_model_name_or_path: A local directory, or a hub id (downloaded without any ``.py`` or
-                pickle file where a network exists).
-            dtype: Parameter dtype; default the checkpoint's ``torch_dtype``.
-            device: Where the weights go (default CPU).
-            attn_implementation: ``"sdpa"`` (default), ``"flash_attention_2"`` or ``"eager"``.
-            revision: Hub revision, for hub ids.
+        Takes what ``PreTrainedModel.from_pretrained`` takes, with the same meaning: ``dtype`` / ``torch_dtype``
+        (``"auto"``: the checkpoint's), ``device_map`` (``"auto"`` too), ``attn_implementation``,
+        ``quantization_config`` (e.g. ``BitsAndBytesConfig`` for a 4-bit base, loaded 4-bit directly),
+        ``revision``, ``cache_dir``, ``local_files_only``, ``token``. Unknown arguments raise. On top of it, phi3v
+        holds the official key set to the letter:
+
+        * ``model.vision_embed_tokens.wte.weight`` (the official alias of ``model.embed_tokens.weight``) is read as
+          the embedding when the checkpoint has no ``model.embed_tokens.weight``;
+        * CLIP's unused last layer and ``post_layernorm`` are not built; their tensors are read aside and written
+          back by ``save_pretrained``;
+        * anything else missing, unexpected or mis-shaped raises, naming the tensors.
 
         Raises:
-            ValueError: on missing, unexpected or mis-shaped tensors, naming them.
+            ValueError: on missing, unexpected or mis-shaped tensors; for ``use_safetensors=False``.
+            TypeError: for ``trust_remote_code=True`` (phi3v is the code) and unknown arguments.
         """
-        from phi3v.model.weights import load_pretrained
+        from phi3v.model.weights import check_loading_info, local_checkpoint, read_unused_official, weight_files
 
-        if unsupported:
-            raise TypeError(f"Phi3VForCausalLM.from_pretrained got unsupported arguments: {sorted(unsupported)}")
-        return load_pretrained(
-            cls,
-            pretrained_model_name_or_path,
-            dtype=dtype,
-            device=device,
-            attn_implementation=attn_implementation,
-            revision=revision,
-        )
+        if kwargs.pop("trust_remote_code", False):
+            raise TypeError("phi3v runs no remote code: drop trust_remote_code=True (importing phi3v is enough)")
+        if kwargs.get("use_safetensors") is False:
+            raise ValueError("phi3v loads safetensors only; use_safetensors=False is not supported")
+        if "_attn_implementation" in kwargs:  # the spelling of older model cards
+            kwargs.setdefault("attn_implementation", kwargs.pop("_attn_implementation"))
+        kwargs.setdefault("attn_implementation", "sdpa")
+        if (local := local_checkpoint(pretrained_model_name_or_path)) is not None:
+            weight_files(local)  # a clear error for a directory of pickles or without weights
+        want_info = kwargs.pop("output_loading_info", False)
+        # Mis-shaped tensors are collected (not raised by transformers) so that one message names all problems.
+        reinit_mismatched = kwargs.pop("ignore_mismatched_sizes", False)
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path,
+                *model_args,
+                use_safetensors=True,
+                ignore_mismatched_sizes=True,
+                key_mapping={r"^model\.vision_embed_tokens\.wte\.": "model.embed_tokens."},
+                output_loading_info=True,
+                **kwargs,
+            )
+        except OSError as err:
+            if local is not None:
+                raise
+            raise FileNotFoundError(
+                f"{pretrained_model_name_or_path} is neither a local directory nor a hub repository that could be "
+                f"downloaded ({err})"
+            ) from err
+        check_loading_info(pretrained_model_name_or_path, info, model.config, shapes=not reinit_mismatched)
+        model.reset_buffers()
+        hub = {k: kwargs[k] for k in ("revision", "cache_dir", "local_files_only", "token") if k in kwargs}
+        model.unused_official_weights = read_unused_official(pretrained_model_name_or_path, model, **hub)
+        return (model, info) if want_info else model
 
     def save_pretrained(
         self,

@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import GenerationConfig
 
 from phi3v.model.configuration import Phi3VConfig
 from phi3v.utils import atomic_write_text, stage_file
@@ -54,11 +53,13 @@ def _is_unused_official(key: str, layers_built: int) -> bool:
     return match is not None and int(match.group(1)) >= layers_built
 
 
-def resolve_checkpoint(
-    path_or_id: str | os.PathLike, revision: str | None = None, patterns: list[str] | None = None
-) -> Path:
-    """A local checkpoint directory, downloading a hub id where needed (``patterns``, by default safetensors,
-    json and tokenizer files: never code or pickles)."""
+def local_checkpoint(path_or_id: str | os.PathLike) -> Path | None:
+    """The local directory ``path_or_id`` names, ``None`` if it is a hub id.
+
+    Raises:
+        ValueError: if it names a file.
+        FileNotFoundError: for a path (not a hub id) that does not exist.
+    """
     path = Path(path_or_id).expanduser()
     if path.is_dir():
         return path
@@ -67,17 +68,37 @@ def resolve_checkpoint(
     text = str(path_or_id)
     if text.startswith((".", "/", "~")) or text.count("/") != 1:
         raise FileNotFoundError(f"checkpoint directory {text} does not exist")
+    return None
+
+
+def resolve_checkpoint(
+    path_or_id: str | os.PathLike,
+    revision: str | None = None,
+    patterns: list[str] | None = None,
+    **hub: object,
+) -> Path:
+    """A local checkpoint directory, downloading a hub id where needed (``patterns``, by default safetensors,
+    json and tokenizer files: never code or pickles; ``hub``: ``cache_dir``, ``local_files_only``, ``token``)."""
+    local = local_checkpoint(path_or_id)
+    if local is not None:
+        return local
+    text = str(path_or_id)
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(text, revision=revision, allow_patterns=patterns or HUB_ALLOW_PATTERNS))
+        return Path(snapshot_download(text, revision=revision, allow_patterns=patterns or HUB_ALLOW_PATTERNS, **hub))
     except Exception as err:  # offline, unknown repo, ...: say both things we tried
         raise FileNotFoundError(
             f"{text} is neither a local directory nor a hub repository that could be downloaded ({err})"
         ) from err
 
 
-def _weight_files(directory: Path) -> list[Path]:
+def weight_files(directory: Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory.
+
+    Raises:
+        FileNotFoundError: when there are none (naming pickled weights found instead: they are never loaded).
+    """
     index = directory / INDEX_FILE
     if index.exists():
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
@@ -95,87 +116,75 @@ def _weight_files(directory: Path) -> list[Path]:
 
 def iter_checkpoint(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Every ``(key, tensor)`` of a safetensors checkpoint, one shard open at a time, on CPU."""
-    for file in _weight_files(directory):
+    for file in weight_files(directory):
         with safe_open(file, framework="pt", device="cpu") as f:
             for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
                 yield key, f.get_tensor(key)
 
 
-def load_pretrained(
-    cls: type[Phi3VForCausalLM],
-    path_or_id: str | os.PathLike,
-    *,
-    dtype: torch.dtype | str | None,
-    device: torch.device | str | None,
-    attn_implementation: str,
-    revision: str | None,
-) -> Phi3VForCausalLM:
-    """Build the model on the meta device, materialise it on ``device`` and fill it from the checkpoint."""
-    directory = resolve_checkpoint(path_or_id, revision)
-    config = Phi3VConfig.from_json_file(directory / "config.json")
-    config._attn_implementation = attn_implementation
-    if isinstance(dtype, str):
-        dtype = config.dtype if dtype == "auto" else getattr(torch, dtype)
-    dtype = dtype or config.dtype or torch.float32
-    device = torch.device(device or "cpu")
+def check_loading_info(source: str | os.PathLike, info: dict, config: Phi3VConfig, shapes: bool = True) -> None:
+    """Raise unless transformers' loader filled every tensor from the checkpoint and found nothing foreign.
 
-    with torch.device("meta"):
-        model = cls(config)
-    model.to(dtype=dtype)
-    model.to_empty(device=device)
-    model.reset_buffers()
+    Args:
+        source: The checkpoint path or hub id (for the message).
+        info: ``output_loading_info`` of ``PreTrainedModel.from_pretrained``.
+        config: The loaded model's config (how many CLIP layers are built).
+        shapes: Also refuse mis-shaped tensors (not when the caller asked transformers to re-initialise them).
 
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    Raises:
+        ValueError: naming the missing, unexpected and mis-shaped tensors.
+    """
     layers_built = config.vision_layers_used
-    state: dict[str, torch.Tensor] = {}
-    unused: dict[str, torch.Tensor] = {}
-    alias: torch.Tensor | None = None
-    unexpected, bad_shapes, misshaped = [], [], set()
-    for key, tensor in iter_checkpoint(directory):
-        if key == WTE_ALIAS:
-            alias = tensor
-        elif _RECOMPUTED_BUFFERS.search(key):
-            continue
-        elif _is_unused_official(key, layers_built):
-            unused[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
-        elif key not in expected:
-            unexpected.append(key)
-        elif tuple(tensor.shape) != expected[key]:
-            bad_shapes.append(f"{key}: checkpoint {tuple(tensor.shape)}, model {expected[key]}")
-            misshaped.add(key)
-        else:
-            state[key] = tensor
-    if EMBED_KEY not in state and alias is not None:
-        if tuple(alias.shape) != expected[EMBED_KEY]:
-            bad_shapes.append(f"{WTE_ALIAS}: checkpoint {tuple(alias.shape)}, model {expected[EMBED_KEY]}")
-            misshaped.add(EMBED_KEY)
-        else:
-            state[EMBED_KEY] = alias
-    missing = sorted(set(expected) - set(state) - misshaped)
+    missing = sorted(k for k in info.get("missing_keys", ()) if not _RECOMPUTED_BUFFERS.search(k))
+    # transformers drops the unexpected keys that `_keys_to_ignore_on_load_unexpected` names; what is left, and
+    # the CLIP layers it would wrongly hide (a layer the model builds is never "unexpected"), is foreign.
+    unexpected = sorted(
+        k for k in info.get("unexpected_keys", ()) if not (_is_unused_official(k, layers_built) or k == WTE_ALIAS)
+    )
+    bad_shapes = [
+        f"{key}: checkpoint {tuple(ckpt)}, model {tuple(model)}"
+        for key, ckpt, model in (info.get("mismatched_keys", ()) if shapes else ())
+    ]
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing: {_preview(missing)}")
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected: {_preview(sorted(unexpected))}")
+        problems.append(f"{len(unexpected)} unexpected: {_preview(unexpected)}")
     if bad_shapes:
         problems.append(f"{len(bad_shapes)} with the wrong shape: {_preview(bad_shapes)}")
     if problems:
-        raise ValueError(f"checkpoint {directory} does not fit {config.model_type}: " + "; ".join(problems))
+        raise ValueError(f"checkpoint {source} does not fit {config.model_type}: " + "; ".join(problems))
 
-    model.load_state_dict(state, strict=True)
+
+def read_unused_official(source: str | os.PathLike, model: Phi3VForCausalLM, **hub: object) -> dict[str, torch.Tensor]:
+    """The official CLIP tensors Phi-3-V never computes with (past the layer it reads, and post_layernorm).
+
+    They are not built, but kept so that saving writes the complete official key set; in the vision tower's dtype.
+
+    Args:
+        source: The checkpoint directory or hub id (already in the local cache after loading).
+        model: The loaded model.
+        **hub: ``revision``, ``cache_dir``, ``local_files_only``, ``token`` for a hub id.
+    """
+    directory = resolve_checkpoint(source, patterns=["*.safetensors", "*.json"], **hub)
+    dtype = model.model.vision_embed_tokens.img_processor.vision_model.pre_layrnorm.weight.dtype
+    if not dtype.is_floating_point:  # a quantised tower: keep the unused tensors in the compute dtype
+        dtype = model.dtype
+    unused = {}
+    for file in weight_files(directory):
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                if _is_unused_official(key, model.config.vision_layers_used):
+                    tensor = f.get_tensor(key)
+                    unused[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
     if unused:
         logger.info(
             "%s: %d CLIP tensors past layer %d and post_layernorm are unused by Phi-3-V; not built, kept for saving",
-            directory,
+            source,
             len(unused),
-            layers_built - 1,
+            model.config.vision_layers_used - 1,
         )
-    model.unused_official_weights = unused
-    gen_file = directory / "generation_config.json"
-    if gen_file.exists():
-        model.generation_config = GenerationConfig.from_pretrained(directory)
-    model.eval()
-    return model
+    return unused
 
 
 def _preview(items: list[str], limit: int = 8) -> str:

@@ -1,6 +1,7 @@
-"""Processing: the HD image transform, the tokenizer, chat rendering with loss masks, and the processor."""
+"""Processing: the HD image transform, the tokenizer, chat rendering with loss masks, collation, the processor."""
 
 from phi3v.processing.chat import IGNORE_INDEX, Conversation, Turn, render, template_text
+from phi3v.processing.collate import Sample, collate
 from phi3v.processing.image import (
     ImageError,
     Phi3VImageProcessor,
@@ -8,7 +9,7 @@ from phi3v.processing.image import (
     load_image,
     num_image_tokens_for_size,
 )
-from phi3v.processing.processor import Phi3VProcessor, Sample, TruncationError
+from phi3v.processing.processor import Phi3VProcessor, TruncationError
 from phi3v.processing.tokenizer import CHAT_TEMPLATE, build_tiny_tokenizer, load_tokenizer, special_ids
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "TruncationError",
     "Turn",
     "build_tiny_tokenizer",
+    "collate",
     "hd_geometry",
     "load_image",
     "load_tokenizer",

@@ -25,15 +25,20 @@ pixels), the height is taken as 1 pixel instead.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
+from transformers import BaseImageProcessor, BatchFeature
+
+from phi3v.utils import OFFICIAL_REPO
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -119,15 +124,21 @@ def num_image_tokens_for_size(width: int, height: int, num_crops: int, crop_size
     return (h * w + 1) * g * g + 1 + (h + 1) * g
 
 
-class Phi3VImageProcessor:
+class Phi3VImageProcessor(BaseImageProcessor):
     """The official Phi-3-V image processor: HD crops, global view, zero-padded crop slots.
+
+    A transformers ``BaseImageProcessor``: ``image_processor(images, return_tensors="pt")`` gives a
+    ``BatchFeature``, ``AutoImageProcessor`` loads it from ``preprocessor_config.json`` once phi3v is imported.
 
     Args:
         num_crops: Most sub-image crops per image (official default 4; 16 for single-image documents).
         crop_size: Crop side in pixels (336 for the official models; the tiny preset uses 56).
         image_mean: Per-channel normalisation mean.
         image_std: Per-channel normalisation std.
+        **kwargs: Other keys of ``preprocessor_config.json`` (kept and written back unchanged).
     """
+
+    model_input_names = ["pixel_values", "image_sizes"]
 
     def __init__(
         self,
@@ -135,11 +146,21 @@ class Phi3VImageProcessor:
         crop_size: int = 336,
         image_mean: Sequence[float] = CLIP_MEAN,
         image_std: Sequence[float] = CLIP_STD,
+        **kwargs: Any,
     ):
+        for key in ("num_crops", "crop_size"):
+            value = locals()[key]
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"{key} must be an integer, got {value!r}")
         if num_crops < 1:
             raise ValueError(f"num_crops must be at least 1, got {num_crops}")
         if crop_size % 28:
             raise ValueError(f"crop_size {crop_size} must be a multiple of 28 (14-pixel patches merged 2x2)")
+        # Keys we derive or write ourselves; anything else is kept for the round trip.
+        for key in ("image_processor_type", "processor_class", "auto_map", "num_img_tokens", "do_convert_rgb"):
+            kwargs.pop(key, None)
+        super().__init__()
+        self.extra = kwargs
         self.num_crops = num_crops
         self.crop_size = crop_size
         self.image_mean = tuple(image_mean)
@@ -228,66 +249,98 @@ class Phi3VImageProcessor:
             out[i, 1 + h * w :] = 0
         return out
 
-    def __call__(self, images: Image.Image | Sequence[Image.Image], uint8: bool = False) -> dict:
+    def __call__(
+        self,
+        images: Image.Image | Sequence[Image.Image] | Sequence[Sequence[Image.Image]],
+        uint8: bool = False,
+        return_tensors: str | None = None,
+        **kwargs: Any,
+    ) -> BatchFeature:
+        """Process images (``preprocess``)."""
+        return self.preprocess(images, uint8=uint8, return_tensors=return_tensors, **kwargs)
+
+    def preprocess(
+        self,
+        images: Image.Image | Sequence[Image.Image] | Sequence[Sequence[Image.Image]],
+        uint8: bool = False,
+        return_tensors: str | None = None,
+        **kwargs: Any,
+    ) -> BatchFeature:
         """Process images.
 
         Args:
-            images: One PIL image or a list.
+            images: One PIL image, a list, or a list of lists (one per prompt; flattened in order).
             uint8: Return uint8 crops without the global view (``tile_slots``), for ``finish`` on the device.
+            return_tensors: ``"pt"`` or ``None`` (the values are torch tensors either way).
 
         Returns:
             ``pixel_values`` ``[n, C+1, 3, S, S]`` float32 (uint8 with ``uint8``), ``image_sizes`` ``[n, 2]``
             long (padded HD height, width), ``num_img_tokens`` list of ``n`` ints.
+
+        Raises:
+            TypeError: for arguments this processor does not take.
+            ValueError: for ``return_tensors`` other than ``"pt"`` or ``None``.
         """
+        if kwargs:
+            raise TypeError(f"Phi3VImageProcessor got unsupported arguments: {sorted(kwargs)}")
+        if return_tensors not in (None, "pt"):
+            raise ValueError(f"return_tensors={return_tensors!r}: Phi3VImageProcessor returns torch tensors ('pt')")
         if isinstance(images, Image.Image):
             images = [images]
+        images = [i for item in images for i in (item if isinstance(item, (list, tuple)) else [item])]
         pixel_values, sizes, counts = [], [], []
         for image in images:
             pixels = self.hd_pixels(image)
             pixel_values.append(self.tile_slots(pixels) if uint8 else self.crops(self.normalize(pixels)))
-            sizes.append(pixels.shape[1:])
+            sizes.append(list(pixels.shape[1:]))
             counts.append(self.num_image_tokens(*image.size))
-        if not pixel_values:
-            s = self.crop_size
-            return {
-                "pixel_values": torch.zeros(0, self.num_crops + 1, 3, s, s, dtype=torch.uint8 if uint8 else None),
-                "image_sizes": torch.zeros(0, 2, dtype=torch.long),
-                "num_img_tokens": [],
-            }
-        return {
-            "pixel_values": torch.stack(pixel_values),
-            "image_sizes": torch.tensor([list(size) for size in sizes], dtype=torch.long),
-            "num_img_tokens": counts,
+        s = self.crop_size
+        empty = torch.zeros(0, self.num_crops + 1, 3, s, s, dtype=torch.uint8 if uint8 else torch.float32)
+        data = {
+            "pixel_values": torch.stack(pixel_values) if pixel_values else empty,
+            "image_sizes": torch.tensor(sizes, dtype=torch.long).reshape(-1, 2),
+            "num_img_tokens": counts,  # a list, as the official processor returns it
         }
+        return BatchFeature(data=data)  # already torch tensors
 
     # ---- preprocessor_config.json -------------------------------------------------------------------------------
 
     def to_dict(self) -> dict:
-        """The official ``preprocessor_config.json`` fields (plus ``crop_size`` when not 336)."""
+        """The official ``preprocessor_config.json`` (plus ``crop_size`` when not 336, and unknown keys read in).
+
+        ``auto_map`` points the official code at Microsoft's hub files, so ``trust_remote_code=True`` loaders
+        (transformers 4.x, vLLM) open a phi3v-written directory with the original processor.
+        """
         data = {
+            "auto_map": {
+                "AutoProcessor": f"{OFFICIAL_REPO}--processing_phi3_v.Phi3VProcessor",
+                "AutoImageProcessor": f"{OFFICIAL_REPO}--image_processing_phi3_v.Phi3VImageProcessor",
+            },
             "do_convert_rgb": True,
             "image_mean": list(self.image_mean),
             "image_processor_type": "Phi3VImageProcessor",
             "image_std": list(self.image_std),
             "num_crops": self.num_crops,
+            "num_img_tokens": self.merged_grid**2,
             "processor_class": "Phi3VProcessor",
         }
         if self.crop_size != 336:
             data["crop_size"] = self.crop_size
-        return {**getattr(self, "extra", {}), **data}
+        return {**self.extra, **data}
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
 
     @classmethod
-    def from_dict(cls, data: dict, **overrides) -> Phi3VImageProcessor:
+    def from_dict(cls, data: dict, **overrides: Any) -> Phi3VImageProcessor:
         """Build from ``preprocessor_config.json`` content; ``overrides`` (e.g. ``num_crops``) win.
 
-        Keys this class does not use (``auto_map``, ``num_img_tokens`` ...) are kept and written back by
-        ``to_dict``, so a saved directory still opens with the official processor.
+        Keys this class does not use are kept and written back by ``to_dict``, so a saved directory still opens
+        with the official processor.
         """
-        known = {k: data[k] for k in ("num_crops", "crop_size", "image_mean", "image_std") if k in data}
-        known.update({k: v for k, v in overrides.items() if v is not None})
-        for key in ("num_crops", "crop_size"):
-            if key in known and (not isinstance(known[key], int) or isinstance(known[key], bool)):
-                raise ValueError(f"{key} must be an integer, got {known[key]!r}")
-        processor = cls(**known)
-        processor.extra = {k: v for k, v in data.items() if k not in known and k not in processor.to_dict()}
-        return processor
+        return_unused = overrides.pop("return_unused_kwargs", False)
+        known = ("num_crops", "crop_size", "image_mean", "image_std")
+        data = {**data, **{k: v for k, v in overrides.items() if k in known and v is not None}}
+        processor = cls(**data)
+        unused = {k: v for k, v in overrides.items() if k not in known}
+        return (processor, unused) if return_unused else processor

@@ -28,12 +28,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from phi3v.data.collate import collate
 from phi3v.data.dataset import JsonlDataset
 from phi3v.model import Phi3VForCausalLM, build_model, without_adapters
 from phi3v.model.presets import PRESETS
 from phi3v.processing import Phi3VProcessor
 from phi3v.processing.chat import IGNORE_INDEX
+from phi3v.processing.collate import collate
 from phi3v.tasks import get_task
 from phi3v.train import checkpoint as ckpt
 from phi3v.train.config import TrainConfig

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from phi3v.data.collate import collate
 from phi3v.processing import Sample
+from phi3v.processing.collate import collate
 
 PAD = 500
 

@@ -8,12 +8,34 @@ its ``image_sizes`` entry tells the model which slots are real, so padding slots
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from phi3v.processing.chat import IGNORE_INDEX
-from phi3v.processing.processor import Sample
+
+
+@dataclass
+class Sample:
+    """One encoded conversation.
+
+    Attributes:
+        input_ids: ``[L]`` long; image positions hold the image token id.
+        labels: ``[L]`` long, -100 where no loss is taken.
+        pixel_values: ``[n, C+1, 3, S, S]`` float32 (uint8 from data-loader workers) in placeholder order, or
+            ``None`` without images.
+        image_sizes: ``[n, 2]`` long padded HD sizes, or ``None``.
+    """
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    pixel_values: torch.Tensor | None = None
+    image_sizes: torch.Tensor | None = None
+
+    @property
+    def num_images(self) -> int:
+        return 0 if self.pixel_values is None else self.pixel_values.shape[0]
 
 
 def collate(
