@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import sys
@@ -99,11 +100,12 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from phi3v.data.convert import check_written, run
+    from phi3v.data.convert import check_written, options, run
 
     if args.src is None and args.source != "digits":
         raise ValueError(f"phi3v convert {args.source} needs --src")
-    written = run(args.source, args)
+    kwargs = {name: getattr(args, name) for name in options(args.source) if hasattr(args, name)}
+    written = run(args.source, args.out, name=args.name, **kwargs)
     if args.no_check:
         return 0
     return 0 if check_written(written, args.out, args.num_crops) else 1
@@ -344,7 +346,14 @@ def build_parser() -> argparse.ArgumentParser:
         source.add_argument("--name", default=None, help=f"dataset name in the file names (default {name})")
         source.add_argument("--no-check", action="store_true", help="skip `phi3v data check` of the output")
         source.add_argument("--num-crops", type=int, default=16, help="num_crops for the check's token counts")
+        # The converter's own options: an option not given stays out of the kwargs, so its default is the one in
+        # the converter's signature (shown in the help), never a second copy here.
+        source.argument_default = argparse.SUPPRESS
         module.add_arguments(source)
+        defaults = {n: p.default for n, p in inspect.signature(module.convert).parameters.items()}
+        for action in source._actions:
+            if defaults.get(action.dest, inspect.Parameter.empty) not in (inspect.Parameter.empty, None):
+                action.help = f"{action.help or ''} (default {defaults[action.dest]})".strip()
         source.set_defaults(func=_cmd_convert)
     return parser
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from tqdm import tqdm
@@ -31,11 +32,18 @@ from phi3v.tasks import get_task
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--val-size", type=int, default=500, help="the_cauldron: rows held out as val")
+    parser.add_argument("--val-size", type=int, help="the_cauldron: rows held out as val")
 
 
-def convert(args: argparse.Namespace, out: StagedOutput) -> None:
-    src = Path(args.src)
+def convert(out: StagedOutput, src: str | os.PathLike, *, val_size: int = 500) -> None:
+    """Convert a DocVQA copy (any of the three shapes) into ``out``.
+
+    Args:
+        out: Where records and images go.
+        src: A ``save_to_disk`` folder, parquet/arrow files, or the folder of the original ``*_v1.0.json``.
+        val_size: the_cauldron: the first rows held out as val (the reference recipe's 500).
+    """
+    src = Path(src)
     originals = sorted(src.glob("*_v1.0.json")) if src.is_dir() else []
     if originals:
         _convert_original(originals, out)
@@ -45,7 +53,7 @@ def convert(args: argparse.Namespace, out: StagedOutput) -> None:
         if hf.cauldron_rows(dataset):
             dataset = hf.undecoded(dataset, "images")
             for row_index, row in enumerate(tqdm(dataset, desc=split, unit="doc")):
-                target = "val" if split == "train" and row_index < args.val_size else split
+                target = "val" if split == "train" and row_index < val_size else split
                 image = hf.image_bytes(row["images"][0], f"{src} {split} row {row_index}")
                 path = out.save_image(f"{out.name}/{split}/{row_index:07d}{image_extension(image)}", image)
                 for q, text in enumerate(row["texts"]):

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from tqdm import tqdm
@@ -27,7 +28,7 @@ from phi3v.tasks import get_task
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--val-size", type=int, default=500, help="the_cauldron: rows held out as val")
+    parser.add_argument("--val-size", type=int, help="the_cauldron: rows held out as val")
 
 
 def _split_of(name: str) -> str | None:
@@ -37,8 +38,8 @@ def _split_of(name: str) -> str | None:
     return None
 
 
-def convert(args: argparse.Namespace, out: StagedOutput) -> None:
-    src = Path(args.src)
+def convert(out: StagedOutput, src: str | os.PathLike, *, val_size: int = 500) -> None:
+    src = Path(src)
     originals = sorted(p for p in src.glob("*.jsonl") if _split_of(p.name)) if src.is_dir() else []
     if originals:
         _convert_original(originals, out)
@@ -48,7 +49,7 @@ def convert(args: argparse.Namespace, out: StagedOutput) -> None:
             raise ConversionError(f"{src} ({split}): columns {dataset.column_names} are not the_cauldron's")
         dataset = hf.undecoded(dataset, "images")
         for row_index, row in enumerate(tqdm(dataset, desc=split, unit="meme")):
-            target = "val" if split == "train" and row_index < args.val_size else split
+            target = "val" if split == "train" and row_index < val_size else split
             image = hf.image_bytes(row["images"][0], f"{src} {split} row {row_index}")
             path = out.save_image(f"{out.name}/{split}/{row_index:07d}{image_extension(image)}", image)
             text = row["texts"][0]

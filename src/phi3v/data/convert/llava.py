@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -25,8 +26,8 @@ HUMAN, GPT = ("human", "user"), ("gpt", "assistant")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-folder", required=True, help="folder the records' image paths are relative to")
-    parser.add_argument("--val-fraction", type=float, default=0.0)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--val-fraction", type=float)
+    parser.add_argument("--seed", type=int)
 
 
 def _load(path: Path) -> list[dict]:
@@ -76,11 +77,27 @@ def to_record(item: dict, index: int, where: str) -> Record:
     return Record(record_id, "llava", turns, [turns[-1].assistant])
 
 
-def convert(args: argparse.Namespace, out: StagedOutput) -> None:
-    src, folder = Path(args.src), Path(args.image_folder)
+def convert(
+    out: StagedOutput,
+    src: str | os.PathLike,
+    *,
+    image_folder: str | os.PathLike,
+    val_fraction: float = 0.0,
+    seed: int = 0,
+) -> None:
+    """Convert a LLaVA-style json or jsonl file into ``out``.
+
+    Args:
+        out: Where records and images go.
+        src: The json (a list) or jsonl file.
+        image_folder: The folder the records' image paths are relative to.
+        val_fraction: The share of records held out as val (seeded).
+        seed: Seeds the hold-out draw.
+    """
+    src, folder = Path(src), Path(image_folder)
     items = _load(src)
-    rng = random.Random(args.seed)
-    val = set(rng.sample(range(len(items)), round(len(items) * args.val_fraction)))
+    rng = random.Random(seed)
+    val = set(rng.sample(range(len(items)), round(len(items) * val_fraction)))
     copied: set[str] = set()
     for index, item in enumerate(tqdm(items, desc="records", unit="rec")):
         where = f"{src} record {index}"

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from tqdm import tqdm
@@ -32,15 +33,17 @@ _ORIGINAL = {"train.json": "train", "dev.json": "val", "test1.json": "test"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--val-size", type=int, default=500, help="the_cauldron: rows held out as val")
-    parser.add_argument("--image-dir", default=None, help="original release: folder holding the images")
+    parser.add_argument("--val-size", type=int, help="the_cauldron: rows held out as val")
+    parser.add_argument("--image-dir", help="original release: folder holding the images")
 
 
-def convert(args: argparse.Namespace, out: StagedOutput) -> None:
-    src = Path(args.src)
+def convert(
+    out: StagedOutput, src: str | os.PathLike, *, val_size: int = 500, image_dir: str | os.PathLike | None = None
+) -> None:
+    src = Path(src)
     originals = [src / name for name in _ORIGINAL if (src / name).exists()] if src.is_dir() else []
     if originals:
-        _convert_original(originals, Path(args.image_dir) if args.image_dir else src / "images", out)
+        _convert_original(originals, Path(image_dir) if image_dir else src / "images", out)
         return
     for split, dataset in hf.load_splits(src).items():
         if not hf.cauldron_rows(dataset):
@@ -50,7 +53,7 @@ def convert(args: argparse.Namespace, out: StagedOutput) -> None:
             where = f"{src} {split} row {row_index}"
             if len(row["images"]) != 2:
                 raise ConversionError(f"{where}: {len(row['images'])} images; NLVR2 rows have exactly 2")
-            target = "val" if split == "train" and row_index < args.val_size else split
+            target = "val" if split == "train" and row_index < val_size else split
             paths = []
             for k, cell in enumerate(row["images"]):
                 image = hf.image_bytes(cell, where)
