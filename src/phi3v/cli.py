@@ -126,7 +126,7 @@ def _model_and_processor(args: argparse.Namespace):
     from phi3v.eval.inference import load_for_inference
 
     return load_for_inference(args.model, args.adapter, dtype=args.dtype, device=args.device,
-                              num_crops=args.num_crops)  # fmt: skip
+                              num_crops=args.num_crops, force=args.force)  # fmt: skip
 
 
 def _init_distributed(args: argparse.Namespace) -> None:
@@ -189,7 +189,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from phi3v.export import export
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    manifest = export(args.model, args.adapter, args.out, dtype=dtype, frames=args.frames)
+    manifest = export(args.model, args.adapter, args.out, dtype=dtype, frames=args.frames, force=args.force)
     parity = manifest["parity"]
     print(f"exported to {args.out}: merged logits match base + adapter within {parity['max_abs_logit_difference']:.2g}"
           f" (tolerance {parity['tolerance']})")  # fmt: skip
@@ -241,6 +241,7 @@ def _inference_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default cpu)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--force", action="store_true", help="apply an adapter to a base other than its recorded one")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -301,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True)
     exp.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     exp.add_argument("--frames", type=int, default=None, help="frames per video used in training (manifest)")
+    exp.add_argument("--force", action="store_true", help="merge onto a base other than the adapter's recorded one")
     exp.set_defaults(func=_cmd_export)
 
     bench = sub.add_parser("bench", help="training throughput on DocVQA-shaped synthetic samples")

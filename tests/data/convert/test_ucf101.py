@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from phi3v.data.convert.common import ConversionError
@@ -98,3 +100,26 @@ def test_frame_counts_that_do_not_divide_evenly(tmp_path):
         convert("ucf101", tmp_path / "out", src=tmp_path / "src", frames=0)
     with pytest.raises(ConversionError, match="12 frames, fewer than the 20 to sample"):
         convert("ucf101", tmp_path / "out", src=tmp_path / "src", frames=20)
+
+
+def test_class_order_and_indices_follow_class_ind(tmp_path):
+    """Code-point order puts JumpRope before JumpingJack; classInd.txt (the official numbering) does not."""
+    for cls in ("JumpRope", "JumpingJack", "Archery"):
+        write_video(tmp_path / "src" / "train" / cls / f"v_{cls}_g01_c01.avi", frames=2)
+    (tmp_path / "classInd.txt").write_text("1 Archery\n2 Basketball\n3 JumpingJack\n4 JumpRope\n")
+    convert("ucf101", tmp_path / "out", src=tmp_path / "src", frames=1, class_index=tmp_path / "classInd.txt")
+    meta = json.loads((tmp_path / "out" / "ucf101_meta.json").read_text())
+    assert meta["labels"] == ["Archery", "JumpingJack", "JumpRope"]
+    assert meta["class_index"] == {"Archery": 1, "JumpingJack": 3, "JumpRope": 4}
+    record = read_jsonl(tmp_path / "out" / "ucf101_train.jsonl")[0]
+    assert record["conversations"][0]["user"].endswith("classes: Archery, JumpingJack, JumpRope.")
+    # without classInd.txt: case-insensitive order, the same for UCF-101's names; no indices are invented
+    convert("ucf101", tmp_path / "plain", src=tmp_path / "src", frames=1)
+    meta = json.loads((tmp_path / "plain" / "ucf101_meta.json").read_text())
+    assert meta["labels"] == ["Archery", "JumpingJack", "JumpRope"] and "class_index" not in meta
+    (tmp_path / "bad.txt").write_text("1 Archery\n2 JumpingJack\n")
+    with pytest.raises(ConversionError, match=r"bad\.txt: no index for class folder\(s\) \['JumpRope'\]"):
+        convert("ucf101", tmp_path / "bad", src=tmp_path / "src", frames=1, class_index=tmp_path / "bad.txt")
+    (tmp_path / "bad.txt").write_text("1 Archery\nJumpingJack\n")
+    with pytest.raises(ConversionError, match=r"bad\.txt:2: expected 'INDEX ClassName', got 'JumpingJack'"):
+        convert("ucf101", tmp_path / "bad", src=tmp_path / "src", frames=1, class_index=tmp_path / "bad.txt")

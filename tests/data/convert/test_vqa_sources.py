@@ -72,6 +72,17 @@ def test_docvqa_original_release(tmp_path, capsys):
     assert "1 question(s) without answers left out" in capsys.readouterr().out
 
 
+def test_docvqa_source_json_with_a_list_at_the_top_gets_the_converters_error(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "train_v1.0.json").write_text(json.dumps([{"questionId": 1}]))
+    with pytest.raises(ConversionError, match=r"train_v1\.0\.json: no 'data' list"):
+        convert("docvqa", tmp_path / "out", src=src)
+    (src / "train_v1.0.json").write_bytes(b'{"data": "\xff"}')
+    with pytest.raises(ConversionError, match=r"train_v1\.0\.json: not a UTF-8 JSON file"):
+        convert("docvqa", tmp_path / "out", src=src)
+
+
 def test_hateful_memes_original_release(tmp_path):
     src = tmp_path / "src"
     (src / "img").mkdir(parents=True)
@@ -81,11 +92,48 @@ def test_hateful_memes_original_release(tmp_path):
             "text": "kind words"}]  # fmt: skip
     (src / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     (src / "dev_seen.jsonl").write_text(json.dumps({"id": 3, "img": "img/3.png", "label": 0, "text": "hello"}))
-    convert("hateful_memes", tmp_path / "out", src=src)
+    convert("hateful_memes", tmp_path / "out", src=src, val_split="dev_seen")
     train = read_jsonl(tmp_path / "out" / "hateful_memes_train.jsonl")
     assert [r["conversations"][0]["assistant"] for r in train] == ["yes", "no"]
     assert 'reads: "mean words"' in train[0]["conversations"][0]["user"]
     assert len(read_jsonl(tmp_path / "out" / "hateful_memes_val.jsonl")) == 1
+
+
+def _release(src, files):
+    """An original-release folder: ``files`` maps a jsonl name to meme ids (label = id % 2)."""
+    (src / "img").mkdir(parents=True)
+    for name, ids in files.items():
+        rows = [{"id": i, "img": f"img/{i}.png", "label": i % 2, "text": f"meme {i}"} for i in ids]
+        for i in ids:
+            (src / "img" / f"{i}.png").write_bytes(png_bytes((i % 256, 0, 0)))
+        (src / name).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
+def test_hateful_memes_writes_one_validation_split_and_never_a_meme_twice(tmp_path, capsys):
+    """dev_seen and dev_unseen share memes (400 in the release; 2 here): only the chosen one becomes val."""
+    src = tmp_path / "src"
+    _release(src, {"train.jsonl": [1, 2, 3, 4, 5], "dev_seen.jsonl": [10, 11, 12], "dev_unseen.jsonl": [11, 12, 13, 14],
+                   "test_seen.jsonl": [20, 21], "test_unseen.jsonl": [21, 22]})  # fmt: skip
+
+    def ids(out, split):
+        return [r["id"] for r in read_jsonl(out / f"hateful_memes_{split}.jsonl")]
+
+    # default: the reference recipe's choice, the first val_size memes of train; no dev file is read
+    convert("hateful_memes", tmp_path / "ref", src=src, val_size=2)
+    assert ids(tmp_path / "ref", "val") == ["train-1", "train-2"]
+    assert ids(tmp_path / "ref", "train") == ["train-3", "train-4", "train-5"]
+    out = capsys.readouterr().out
+    assert "validation split: the first 2 memes of train.jsonl" in out
+    assert "not converted: dev_seen.jsonl, dev_unseen.jsonl" in out
+    # meme 21 is in both test files: kept once
+    assert ids(tmp_path / "ref", "test") == ["test_seen-20", "test_seen-21", "test_unseen-22"]
+    assert "test: 1 meme(s) already written to this split left out" in out
+    for choice, expected in (("dev_seen", [10, 11, 12]), ("dev_unseen", [11, 12, 13, 14])):
+        convert("hateful_memes", tmp_path / choice, src=src, val_split=choice)
+        assert ids(tmp_path / choice, "val") == [f"{choice}-{i}" for i in expected]
+        assert len(ids(tmp_path / choice, "train")) == 5
+    with pytest.raises(ConversionError, match="--val-split 'dev': choose one of reference, dev_seen, dev_unseen"):
+        convert("hateful_memes", tmp_path / "bad", src=src, val_split="dev")
 
 
 def test_hateful_memes_from_the_cauldron_parquet(tmp_path):
@@ -108,6 +156,37 @@ def test_nlvr2_from_the_cauldron_is_multi_turn_with_both_images_first(tmp_path):
     datasets.DatasetDict({"train": bad}).save_to_disk(tmp_path / "bad")
     with pytest.raises(ConversionError, match="row 0: 1 images; NLVR2 rows have exactly 2"):
         convert("nlvr2", tmp_path / "out2", src=tmp_path / "bad")
+
+
+def test_nlvr2_evaluation_records_keep_the_first_turn_as_the_reference_scores(tmp_path, capsys):
+    rows = [(2, [("Left has more?", "yes"), ("Right has dogs?", "no")]), (2, [("Same count?", "no"), ("Cats?", "yes")])]
+    datasets.DatasetDict({"train": _cauldron(rows), "test": _cauldron(rows[:1])}).save_to_disk(tmp_path / "src")
+    convert("nlvr2", tmp_path / "out", src=tmp_path / "src", val_size=1)
+    val, train = read_jsonl(tmp_path / "out" / "nlvr2_val.jsonl"), read_jsonl(tmp_path / "out" / "nlvr2_train.jsonl")
+    test = read_jsonl(tmp_path / "out" / "nlvr2_test.jsonl")
+    assert [t["user"] for t in val[0]["conversations"]] == ["Left has more?"] and val[0]["references"] == ["yes"]
+    assert [t["user"] for t in test[0]["conversations"]] == ["Left has more?"]
+    assert len(val[0]["conversations"][0]["images"]) == 2
+    assert [t["user"] for t in train[0]["conversations"]] == ["Same count?", "Cats?"]  # training keeps every turn
+    assert "2 multi-turn val/test record(s) cut to their first turn" in capsys.readouterr().out
+    convert("nlvr2", tmp_path / "all", src=tmp_path / "src", val_size=1, eval_turns="all")
+    assert read_jsonl(tmp_path / "all" / "nlvr2_val.jsonl")[0]["references"] == ["no"]  # the last turn's answer
+
+
+def test_nlvr2_test2_is_read_or_reported(tmp_path, capsys):
+    src = tmp_path / "src"
+    (src / "images").mkdir(parents=True)
+    for name in ("test1-1-0", "test2-7-1"):
+        for k in (0, 1):
+            (src / "images" / f"{name}-img{k}.png").write_bytes(png_bytes((k, 0, 0)))
+    (src / "test1.json").write_text(json.dumps({"identifier": "test1-1-0-0", "sentence": "A.", "label": "True"}))
+    (src / "test2.json").write_text(json.dumps({"identifier": "test2-7-1-0", "sentence": "B.", "label": "False"}))
+    convert("nlvr2", tmp_path / "one", src=src)
+    assert [r["id"] for r in read_jsonl(tmp_path / "one" / "nlvr2_test.jsonl")] == ["test-test1-1-0-0"]
+    assert "test2.json: not converted (the test split is test1.json" in capsys.readouterr().out
+    convert("nlvr2", tmp_path / "two", src=src, test_file="test2")
+    assert [r["id"] for r in read_jsonl(tmp_path / "two" / "nlvr2_test.jsonl")] == ["test-test2-7-1-0"]
+    assert "test1.json: not converted" in capsys.readouterr().out
 
 
 def test_nlvr2_original_release_finds_left_and_right_images(tmp_path):

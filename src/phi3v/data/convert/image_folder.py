@@ -15,6 +15,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from phi3v.data.convert.common import SPLITS, ConversionError, StagedOutput, single_turn
+from phi3v.data.paths import PathEscapeError, real_inside
 from phi3v.processing.image import ImageError, load_image
 from phi3v.tasks import get_task
 
@@ -81,14 +82,18 @@ def convert(
         items = [(name, f) for name in sorted(by_class) for f in by_class[name]]
         for n, (name, file) in enumerate(tqdm(items, desc=split, unit="img")):
             try:
-                load_image(file)
+                real = real_inside(root, file)  # a link out of the folder is refused, never skipped
+            except PathEscapeError as err:
+                raise ConversionError(str(err)) from None
+            try:
+                load_image(real)
             except ImageError:
                 if not skip_bad:
                     raise
                 skipped += 1
                 continue
             relative = f"{out.name}/{split}/{name}/{file.name}"
-            shutil.copyfile(file, out.image_file(relative))
+            shutil.copyfile(real, out.image_file(relative))
             out.add(split, single_turn(f"{split}-{n:08d}", out.name, [relative], prompt, name))
     out.add_json(f"{out.name}_meta.json", {"task": task.name, "labels": classes, "skipped_unreadable": skipped})
     if skipped:

@@ -8,15 +8,15 @@ must alternate, starting with a human turn.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import random
-import shutil
 from pathlib import Path
 
 from tqdm import tqdm
 
-from phi3v.data.convert.common import ConversionError, StagedOutput
+from phi3v.data.convert.common import ConversionError, StagedOutput, source_image
 from phi3v.data.schema import Record, check_image_path
 from phi3v.processing.chat import Turn
 from phi3v.processing.image import ImageError, load_image
@@ -110,11 +110,12 @@ def convert(
                     raise ConversionError(f"{where}: {reason}")
                 relative = f"{out.name}/{path}"
                 if relative not in copied:
+                    data = source_image(folder, path, where)
                     try:
-                        load_image(folder / path)
+                        load_image(io.BytesIO(data))  # a full decode: truncated files are refused too
                     except ImageError as err:
-                        raise ConversionError(f"{where}: {err}") from err
-                    shutil.copyfile(folder / path, out.image_file(relative))
+                        raise ConversionError(f"{where}: {path}: {err}") from err
+                    out.image_file(relative).write_bytes(data)
                     copied.add(relative)
                 turn.images[k] = relative
         out.add("val" if index in val else "train", record)

@@ -24,6 +24,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from phi3v.data.convert.common import SPLITS, ConversionError, StagedOutput, single_turn
+from phi3v.data.paths import PathEscapeError, real_inside
 from phi3v.tasks import get_task
 
 VIDEO_SUFFIXES = {".avi", ".mp4", ".mkv", ".mov", ".webm"}
@@ -41,8 +42,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _videos(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES)
+def _videos(folder: Path, src: Path) -> list[Path]:
+    """The videos under ``folder``; one whose real file lies outside ``src`` (a symbolic link) is refused."""
+    videos = sorted(p for p in folder.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES)
+    for video in videos:
+        try:
+            real_inside(src, video)
+        except PathEscapeError as err:
+            raise ConversionError(f"video {err}") from None
+    return videos
 
 
 def _group(video: Path) -> int:
@@ -89,9 +97,11 @@ def collect(
     if not src.is_dir():
         raise ConversionError(f"{src}: not a directory")
     if any((src / split).is_dir() for split in SPLITS):
-        return {split: [(v.parent.name, v) for v in _videos(src / split)] for split in SPLITS if (src / split).is_dir()}
+        return {
+            split: [(v.parent.name, v) for v in _videos(src / split, src)] for split in SPLITS if (src / split).is_dir()
+        }
     root = src / "UCF-101" if (src / "UCF-101").is_dir() else src
-    videos = [(v.parent.name, v) for v in _videos(root)]
+    videos = [(v.parent.name, v) for v in _videos(root, src)]
     if not videos:
         raise ConversionError(f"{root}: no videos (expected <Class>/v_<Class>_gXX_cYY.avi or train/<Class>/*.avi)")
     if split_dir:
