@@ -19,7 +19,10 @@ def test_the_fingerprint_tells_bases_apart_but_not_dtypes():
     fa16 = fingerprint(a.config, a.to(torch.bfloat16).state_dict())
     assert fa["config_sha256"] == fb["config_sha256"]  # same architecture
     differ = [n for n in fa["tensors"] if abs(fa["tensors"][n]["probe"] - fb["tensors"][n]["probe"]) > 0.05]
-    assert "model.embed_tokens.weight" in differ and len(differ) > len(fa["tensors"]) // 2
+    # every randomly initialised tensor is a chance to tell the seeds apart; one difference refuses the adapter
+    # (constant tensors, norms at 1 and biases at 0, cannot differ; a random pair lands within 0.05 about 3% of
+    # the time, so most but not all of the 27 random tensors differ: 26 do)
+    assert "model.embed_tokens.weight" in differ and len(differ) >= 20
     assert max(abs(fa["tensors"][n]["probe"] - fa16["tensors"][n]["probe"]) for n in fa["tensors"]) < 0.01
 
 
