@@ -24,3 +24,17 @@ def test_model_info_counts_components_of_the_full_architecture(capsys):
 def test_errors_are_reported_without_a_traceback(tmp_path, capsys):
     assert main(["model", "info", "--path", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_convert_builds_the_converters_keyword_arguments(tmp_path, capsys):
+    """Options not given keep the converter's own defaults (shown in the help); given ones arrive typed."""
+    from phi3v.cli import build_parser
+
+    help_text = build_parser()._subparsers._group_actions[0].choices["convert"]
+    digits_help = help_text._subparsers._group_actions[0].choices["digits"].format_help()
+    assert "frames per digits_video clip (default 4)" in digits_help
+    assert main(["convert", "digits", "--out", str(tmp_path), "--limit", "200", "--frames", "3", "--no-check"]) == 0
+    lines = (tmp_path / "digits_train.jsonl").read_text().splitlines()
+    assert len(lines) == 200 - 2 * int(200 * 0.15)  # default fractions 0.15 / 0.15
+    clip = json.loads((tmp_path / "digits_video_train.jsonl").read_text().splitlines()[0])
+    assert len(clip["conversations"][0]["images"]) == 3

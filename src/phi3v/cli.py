@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import sys
@@ -99,11 +100,12 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from phi3v.data.convert import check_written, run
+    from phi3v.data.convert import check_written, options, run
 
     if args.src is None and args.source != "digits":
         raise ValueError(f"phi3v convert {args.source} needs --src")
-    written = run(args.source, args)
+    kwargs = {name: getattr(args, name) for name in options(args.source) if hasattr(args, name)}
+    written = run(args.source, args.out, name=args.name, **kwargs)
     if args.no_check:
         return 0
     return 0 if check_written(written, args.out, args.num_crops) else 1
@@ -124,7 +126,7 @@ def _model_and_processor(args: argparse.Namespace):
     from phi3v.eval.inference import load_for_inference
 
     return load_for_inference(args.model, args.adapter, dtype=args.dtype, device=args.device,
-                              num_crops=args.num_crops)  # fmt: skip
+                              num_crops=args.num_crops, force=args.force)  # fmt: skip
 
 
 def _init_distributed(args: argparse.Namespace) -> None:
@@ -187,7 +189,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from phi3v.export import export
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    manifest = export(args.model, args.adapter, args.out, dtype=dtype, frames=args.frames)
+    manifest = export(args.model, args.adapter, args.out, dtype=dtype, frames=args.frames, force=args.force)
     parity = manifest["parity"]
     print(f"exported to {args.out}: merged logits match base + adapter within {parity['max_abs_logit_difference']:.2g}"
           f" (tolerance {parity['tolerance']})")  # fmt: skip
@@ -239,6 +241,7 @@ def _inference_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default cpu)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--force", action="store_true", help="apply an adapter to a base other than its recorded one")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -299,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True)
     exp.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     exp.add_argument("--frames", type=int, default=None, help="frames per video used in training (manifest)")
+    exp.add_argument("--force", action="store_true", help="merge onto a base other than the adapter's recorded one")
     exp.set_defaults(func=_cmd_export)
 
     bench = sub.add_parser("bench", help="training throughput on DocVQA-shaped synthetic samples")
@@ -344,7 +348,14 @@ def build_parser() -> argparse.ArgumentParser:
         source.add_argument("--name", default=None, help=f"dataset name in the file names (default {name})")
         source.add_argument("--no-check", action="store_true", help="skip `phi3v data check` of the output")
         source.add_argument("--num-crops", type=int, default=16, help="num_crops for the check's token counts")
+        # The converter's own options: an option not given stays out of the kwargs, so its default is the one in
+        # the converter's signature (shown in the help), never a second copy here.
+        source.argument_default = argparse.SUPPRESS
         module.add_arguments(source)
+        defaults = {n: p.default for n, p in inspect.signature(module.convert).parameters.items()}
+        for action in source._actions:
+            if defaults.get(action.dest, inspect.Parameter.empty) not in (inspect.Parameter.empty, None):
+                action.help = f"{action.help or ''} (default {defaults[action.dest]})".strip()
         source.set_defaults(func=_cmd_convert)
     return parser
 

@@ -12,14 +12,12 @@ Everything lands under ``--out``; ``OUT/metrics.json`` maps each task to its hel
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from phi3v.data.convert import check_written, run
-from phi3v.data.convert import digits as digits_source
 from phi3v.processing import Phi3VProcessor
 from phi3v.utils import atomic_write_text
 
@@ -72,12 +70,7 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict[str,
     data = out / "data"
 
     print(f"[1/5] converting scikit-learn's handwritten digits into {data}")
-    parser = argparse.ArgumentParser()
-    digits_source.add_arguments(parser)
-    argv = ["--pairs-per-scan", str(settings.pairs_per_scan)]
-    args = parser.parse_args(argv + ([] if settings.scans is None else ["--limit", str(settings.scans)]))
-    args.src, args.out, args.name = None, data, None
-    written = run("digits", args)
+    written = run("digits", data, pairs_per_scan=settings.pairs_per_scan, limit=settings.scans)
     if not check_written(written, data, num_crops=1, processor=Phi3VProcessor.tiny(num_crops=1)):
         raise RuntimeError(f"the converted demo data in {data} failed its check")
 

@@ -62,6 +62,7 @@ def export(
     out_dir: str | os.PathLike,
     dtype: torch.dtype | None = None,
     frames: int | None = None,
+    force: bool = False,
 ) -> dict:
     """Merge, verify, write. Returns the manifest.
 
@@ -71,6 +72,7 @@ def export(
         out_dir: Output directory; must not exist yet.
         dtype: Weights dtype of the export (default the base's).
         frames: Frames per video the model was trained with, recorded in the manifest.
+        force: Merge onto a base other than the one the adapter recorded (with a warning).
 
     Raises:
         ExportError: when merged and unmerged logits differ by more than the tolerance.
@@ -78,7 +80,7 @@ def export(
     out = Path(out_dir)
     if out.exists():
         raise FileExistsError(f"{out} exists; choose a new output directory")
-    model, processor = load_for_inference(model_dir, adapter_dir, dtype=dtype)
+    model, processor = load_for_inference(model_dir, adapter_dir, dtype=dtype, force=force)
     probe = _probe_inputs(model.get_base_model())
     probe["pixel_values"] = probe["pixel_values"].to(model.get_base_model().dtype)
     with_adapter = model(**probe).logits

@@ -126,6 +126,14 @@ def test_damaged_files_and_roots_are_reported_not_crashed_on(tmp_path):
     assert f"{path}:3: duplicate id 'x' (first on line 1)" in messages
 
 
+def test_an_empty_file_fails_the_check(tmp_path, capsys):
+    for content in ("", "\n  \n"):
+        path = tmp_path / "empty.jsonl"
+        path.write_text(content)
+        assert main(["data", "check", str(path), "--image-root", str(tmp_path), "--preset", "tiny"]) == 1
+        assert f"{path}: no samples (the file is empty or holds only blank lines)" in capsys.readouterr().out
+
+
 def test_dataset_names_the_line_of_a_missing_image(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps(_record("x", ["gone.png"])) + "\n")

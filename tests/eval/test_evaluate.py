@@ -48,7 +48,8 @@ def test_label_set_evaluation_with_auroc_and_outputs(loaded, digits, tmp_path):
     dataset = JsonlDataset(digits / "digits_pair_val.jsonl", digits / "images")
     task = get_task("hateful_memes")  # the same yes/no label set, with AUROC on "yes"
     result = evaluate(model, processor, dataset, task, max_samples=12, labels=["no", "yes"])
-    assert set(result.metrics) == {"accuracy", "auroc"} and 0 <= result.metrics["auroc"] <= 1
+    assert list(result.metrics) == ["accuracy", "auroc", "accuracy_reference_recipe"]
+    assert 0 <= result.metrics["auroc"] <= 1
     assert all(p["prediction"] in ("no", "yes") and 0 <= p["positive_score"] <= 1 for p in result.predictions)
     assert result.metrics["accuracy"] == pytest.approx(sum(p["score"] for p in result.predictions) / 12)
     written = write_evaluation(result, tmp_path / "out", ["no", "yes"])
@@ -63,7 +64,7 @@ def test_eval_and_generate_commands(lora_run, digits, tmp_path, capsys):
     assert main(["eval", *args, "--data", str(digits / "digits_val.jsonl"), "--image-root", str(digits / "images"),
                  "--task", "digits", "--out", str(tmp_path / "ev"), "--max-samples", "4"]) == 0  # fmt: skip
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
-    assert list(metrics) == ["accuracy"]
+    assert list(metrics) == ["accuracy", "accuracy_reference_recipe"]
     image = digits / "images" / "digits" / "0000.png"
     assert main(["generate", *args, "--image", str(image), "--no-stream", "--max-new-tokens", "3", "Which?"]) == 0
     with pytest.raises(SystemExit):

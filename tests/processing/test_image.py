@@ -174,3 +174,16 @@ def test_uint8_crops_finished_on_the_device_equal_the_float_path():
     assert finished.dtype == torch.float32 and finished.shape == plain["pixel_values"].shape
     assert (finished - plain["pixel_values"]).abs().max() <= 1e-6
     assert shipped["pixel_values"].element_size() * 4 == plain["pixel_values"].element_size()
+
+
+def test_sixteen_bit_files_are_scaled_not_turned_white(tmp_path):
+    """A 16-bit greyscale PNG (mode I;16): a plain convert("RGB") clips every value above 255 to white."""
+    from phi3v.processing.image import load_image
+
+    levels = np.array([[0, 257 * 100, 32896, 65535]], dtype=np.uint16)  # 8-bit 0, 100, 128 (32896*255/65535), 255
+    Image.fromarray(levels).save(tmp_path / "deep.png")
+    with Image.open(tmp_path / "deep.png") as raw:
+        assert raw.mode == "I;16" and raw.convert("RGB").getpixel((1, 0)) == (255, 255, 255)  # the finding
+    image = load_image(tmp_path / "deep.png")
+    assert image.mode == "RGB"
+    assert [image.getpixel((x, 0)) for x in range(4)] == [(v, v, v) for v in (0, 100, 128, 255)]

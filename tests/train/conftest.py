@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import argparse
-
 import pytest
 
-from phi3v.data.convert import digits as digits_source
 from phi3v.data.convert import run
 from phi3v.train.config import TrainConfig
 
@@ -14,11 +11,7 @@ from phi3v.train.config import TrainConfig
 @pytest.fixture(scope="session")
 def digits(tmp_path_factory):
     out = tmp_path_factory.mktemp("digits")
-    parser = argparse.ArgumentParser()
-    digits_source.add_arguments(parser)
-    args = parser.parse_args(["--limit", "240"])
-    args.src, args.out, args.name = None, out, None
-    run("digits", args)
+    run("digits", out, limit=240)
     return out
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from phi3v.data.paths import PathEscapeError, resolve_inside
 from phi3v.data.schema import Record, parse_record
 from phi3v.processing.chat import render
 from phi3v.processing.image import ImageError, load_image
@@ -60,15 +61,6 @@ class CheckReport:
             if self.max_length is not None:
                 lines.append(f"  longer than max_length {self.max_length}: {self.truncated}")
         return "\n".join(lines)
-
-
-def _resolve(image_root: Path, relative: str) -> tuple[Path, str | None]:
-    path = image_root / relative
-    real_root = image_root.resolve()
-    real = path.resolve()
-    if real != real_root and real_root not in real.parents:
-        return path, f"image {relative!r} resolves outside the image root ({real})"
-    return path, None
 
 
 def check_file(
@@ -125,6 +117,8 @@ def check_file(
                 first_line[record_id] = number
             if record is not None:
                 records.append(record)
+    if not records and not report.problems:
+        report.problems.append(f"{path}: no samples (the file is empty or holds only blank lines)")
     if not root_ok:
         report.samples = len(records)
         report.problems.sort(key=_line_of)
@@ -136,10 +130,9 @@ def check_file(
 
     def inspect(relative: str) -> tuple[str, tuple[int, int] | str]:
         try:
-            full, escape = _resolve(image_root, relative)
-            if escape:
-                return relative, escape
-            return relative, load_image(full).size
+            return relative, load_image(resolve_inside(image_root, relative)).size
+        except PathEscapeError as err:
+            return relative, f"image {err}"
         except (ImageError, ValueError, OSError) as err:  # e.g. a NUL byte in the path
             return relative, f"image {relative!r}: {err}"
 

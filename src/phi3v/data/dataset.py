@@ -10,6 +10,7 @@ from typing import Literal
 from PIL import Image
 from torch.utils.data import Dataset
 
+from phi3v.data.paths import PathEscapeError, resolve_inside
 from phi3v.data.schema import Record, parse_record
 from phi3v.processing.chat import Conversation
 from phi3v.processing.image import ImageError, load_image
@@ -17,7 +18,18 @@ from phi3v.processing.processor import Phi3VProcessor, Sample
 
 
 class DataError(ValueError):
-    """A problem in a data file; the message names the file and line."""
+    """A problem in a data file; the message names the file and line.
+
+    Raised in a data-loader worker, it reaches the main process re-created by PyTorch with a message of many lines
+    ("Caught DataError in DataLoader worker process 0. Original Traceback ..."); the constructor takes the
+    original message back out of it, so the user sees the one line the worker raised.
+    """
+
+    def __init__(self, message: str = ""):
+        marker = f"{DataError.__module__}.DataError: "
+        if message.startswith("Caught DataError in DataLoader worker process") and marker in message:
+            message = message.rsplit(marker, 1)[1].rstrip("\n")
+        super().__init__(message)
 
 
 def read_records(path: str | os.PathLike) -> list[Record]:
@@ -27,14 +39,21 @@ def read_records(path: str | os.PathLike) -> list[Record]:
         DataError: listing every bad line (``file:line: problem``); run ``phi3v data check`` for images too.
     """
     records, problems = [], []
-    with open(path, encoding="utf-8") as f:
-        for number, text in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                problems.append(f"{path}:{number}: not UTF-8 ({err.reason} at byte {err.start} of the line)")
+                continue
             if not text.strip():
                 continue
             record, found = _parse_line(text, number)
             problems += [f"{path}:{number}: {p}" for p in found]
             if record is not None:
                 records.append(record)
+    if len(problems) == 1:
+        raise DataError(problems[0])
     if problems:
         shown = "\n".join(problems[:20]) + (f"\n... {len(problems) - 20} more" if len(problems) > 20 else "")
         raise DataError(f"{len(problems)} problem(s) in {path}:\n{shown}")
@@ -87,14 +106,16 @@ class JsonlDataset(Dataset):
 
     def image_size(self, relative: str) -> tuple[int, int]:
         """``(width, height)`` of an image as ``load_image`` will return it, from its header only."""
-        path = self.image_root / relative
         try:
+            path = resolve_inside(self.image_root, relative)
             with Image.open(path) as image:
                 width, height = image.size
                 if image.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF rotations by 90 degrees swap the sides
                     width, height = height, width
+        except PathEscapeError as err:
+            raise ImageError(f"image {err}") from None
         except (OSError, ValueError) as err:
-            raise ImageError(f"{path}: cannot read image ({err})") from err
+            raise ImageError(f"{self.image_root / relative}: cannot read image ({err})") from err
         return width, height
 
     def drop_long(self) -> int:
@@ -119,10 +140,17 @@ class JsonlDataset(Dataset):
     def conversation(self, index: int) -> Conversation:
         """The conversation of item ``index`` with its images opened."""
         record = self.records[index]
-        conversation = record.conversation(self.image_root, self.system)
+        conversation = record.conversation(None, self.system)
         for turn in conversation.turns:
-            turn.images = [load_image(path) for path in turn.images]
+            turn.images = [self._open(relative) for relative in turn.images]
         return conversation
+
+    def _open(self, relative: str) -> Image.Image:
+        """An image of the file, opened only when it lies inside the image root (symbolic links resolved)."""
+        try:
+            return load_image(resolve_inside(self.image_root, relative))
+        except PathEscapeError as err:
+            raise ImageError(f"image {err}") from None
 
     def __getitem__(self, index: int) -> Sample | Conversation | None:
         record = self.records[index]

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from phi3v.adapter_base import check_base, refuse_pickles
 from phi3v.model import Phi3VForCausalLM, without_adapters
 from phi3v.processing import Conversation, Phi3VProcessor, Turn
 from phi3v.processing.chat import ANSWER_SUFFIX
@@ -26,19 +27,30 @@ def load_for_inference(
     dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
     num_crops: int | None = None,
+    force: bool = False,
 ) -> tuple[torch.nn.Module, Phi3VProcessor]:
     """The model (with the adapter applied, not merged) and its processor, in eval mode.
 
     The processor files are read from the adapter directory when it has them (training saves them there), else
     from the model directory.
+
+    Args:
+        force: Apply an adapter to a base other than the one it recorded (``phi3v_base.json``), with a warning.
+
+    Raises:
+        AdapterBaseError: for a pickled adapter file (before anything is loaded), or a base other than the
+            adapter's without ``force``.
     """
+    if adapter is not None:
+        if not (Path(adapter) / "adapter_config.json").exists():
+            raise FileNotFoundError(f"{adapter}: no adapter_config.json (not a PEFT adapter directory)")
+        refuse_pickles(adapter)
     base = Phi3VForCausalLM.from_pretrained(model, dtype=dtype, device_map=device)
     processor_dir = model
     if adapter is not None:
         from peft import PeftModel
 
-        if not (Path(adapter) / "adapter_config.json").exists():
-            raise FileNotFoundError(f"{adapter}: no adapter_config.json (not a PEFT adapter directory)")
+        check_base(adapter, model, base, force=force)
         base = PeftModel.from_pretrained(base, str(adapter))
         if (Path(adapter) / "preprocessor_config.json").exists():
             processor_dir = adapter

@@ -65,11 +65,26 @@ def load_image(path: str | os.PathLike, exif_transpose: bool = True) -> Image.Im
             image.load()  # decode now: a truncated file fails here, not later in a worker
             if exif_transpose:
                 image = ImageOps.exif_transpose(image)
-            return to_rgb(image)
+            return to_rgb(_sixteen_to_eight_bits(image))
     except FileNotFoundError as err:
         raise ImageError(f"{path}: image file not found") from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ImageError(f"{path}: cannot read image ({err})") from err
+
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _sixteen_to_eight_bits(image: Image.Image) -> Image.Image:
+    """A 16-bit greyscale image (``I;16``, e.g. a 16-bit PNG) scaled to 8 bits: ``round(v * 255 / 65535)``.
+
+    The official processor's ``convert("RGB")`` clips such values at 255, so almost every pixel turns white; the
+    model was trained on 8-bit RGB, so a file's full 16-bit range is mapped onto 0..255 first.
+    """
+    if image.mode not in _SIXTEEN_BIT_MODES:
+        return image
+    values = np.asarray(image).astype(np.uint32)
+    return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8))  # mode "L"
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from phi3v.adapter_base import write_identity
 from phi3v.data.dataset import JsonlDataset
 from phi3v.model import Phi3VForCausalLM, build_model, without_adapters
 from phi3v.model.presets import PRESETS
@@ -405,6 +406,9 @@ def _final_save(unwrapped, processor, config, final: Path, full_state) -> None:
         # PEFT adapter (adapter_model.safetensors + adapter_config.json); the vocabulary is unchanged, so the
         # output head an lm_head adapter sits on is not copied into the adapter file
         unwrapped.save_pretrained(final, state_dict=full_state, save_embedding_layers=False)
+        # PEFT records no base for phi3v: phi3v_base.json does (name + fingerprint), checked by export/eval/generate
+        base_state = full_state if full_state is not None else unwrapped.state_dict()
+        write_identity(final, config.model, unwrapped.get_base_model().config, base_state)
         if config.model in PRESETS:  # a random preset base exists nowhere else: keep it beside the adapter
             _save_preset_base(config, final / "base")
     else:

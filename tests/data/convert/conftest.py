@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from phi3v.data.convert import SOURCES, run
+from phi3v.data.convert import run
 
 
 def png_bytes(colour=(10, 20, 30), size=(24, 16)) -> bytes:
@@ -36,15 +35,9 @@ def write_video(path: Path, frames: int = 12, size: int = 32) -> None:
             container.mux(packet)
 
 
-def convert(source: str, out: Path, argv: list[str] = ()) -> list[Path]:
-    """Run a converter the way the CLI does, with its own defaults."""
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--src")
-    parser.add_argument("--out")
-    parser.add_argument("--name")
-    SOURCES[source].add_arguments(parser)
-    args = parser.parse_args([*argv, "--out", str(out)])
-    return run(source, args)
+def convert(source: str, out: Path, **kwargs) -> list[Path]:
+    """Run a converter through the library call (typed keyword arguments, the converter's own defaults)."""
+    return run(source, out, **kwargs)
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -26,7 +26,7 @@ def test_llava_json_tags_become_per_turn_image_tags(tmp_path):
             {"from": "human", "value": "No tag here."}, {"from": "gpt", "value": "Fine."}]},
     ]  # fmt: skip
     (tmp_path / "llava.json").write_text(json.dumps(items))
-    convert("llava", tmp_path / "out", ["--src", str(tmp_path / "llava.json"), "--image-folder", str(folder)])
+    convert("llava", tmp_path / "out", src=tmp_path / "llava.json", image_folder=folder)
     one, two, three = read_jsonl(tmp_path / "out" / "llava_train.jsonl")
     assert one["conversations"][0] == {
         "images": ["llava/a.png"], "user": "<|image_1|>\nDescribe.", "assistant": "A square."
@@ -43,7 +43,7 @@ def test_llava_tag_count_mismatch_names_the_record_and_writes_nothing(tmp_path):
                                                   {"from": "gpt", "value": "x"}]}]  # fmt: skip
     (tmp_path / "l.json").write_text(json.dumps(items))
     with pytest.raises(ConversionError, match=r"l\.json record 0: 2 <image> tag\(s\) for 1 image\(s\)"):
-        convert("llava", tmp_path / "out", ["--src", str(tmp_path / "l.json"), "--image-folder", str(tmp_path)])
+        convert("llava", tmp_path / "out", src=tmp_path / "l.json", image_folder=tmp_path)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
 
 
@@ -56,7 +56,7 @@ def _folder(root, classes=("cat", "dog"), n=10):
 
 def test_image_folder_random_split_and_label_set(tmp_path):
     _folder(tmp_path / "src")
-    convert("image_folder", tmp_path / "out", ["--src", str(tmp_path / "src"), "--name", "pets"])
+    convert("image_folder", tmp_path / "out", src=tmp_path / "src", name="pets")
     counts = [len(read_jsonl(tmp_path / "out" / f"pets_{s}.jsonl")) for s in ("train", "val", "test")]
     assert counts == [16, 2, 2]
     meta = json.loads((tmp_path / "out" / "pets_meta.json").read_text())
@@ -70,14 +70,14 @@ def test_image_folder_split_folders_and_unreadable_images(tmp_path):
         _folder(tmp_path / "src" / split, n=2)
     (tmp_path / "src" / "train" / "cat" / "bad.png").write_bytes(b"not a png")
     with pytest.raises(Exception, match=r"bad\.png: cannot read image"):
-        convert("image_folder", tmp_path / "out", ["--src", str(tmp_path / "src")])
-    convert("image_folder", tmp_path / "out", ["--src", str(tmp_path / "src"), "--skip-bad"])
+        convert("image_folder", tmp_path / "out", src=tmp_path / "src")
+    convert("image_folder", tmp_path / "out", src=tmp_path / "src", skip_bad=True)
     assert json.loads((tmp_path / "out" / "image_folder_meta.json").read_text())["skipped_unreadable"] == 1
     assert len(read_jsonl(tmp_path / "out" / "image_folder_train.jsonl")) == 4
 
 
 def test_digits_tasks_share_disjoint_splits(tmp_path):
-    convert("digits", tmp_path / "out", ["--limit", "400"])
+    convert("digits", tmp_path / "out", limit=400)
     scans = {}
     for task in ("digits", "digits_pair", "digits_video"):
         for split in ("train", "val", "test"):
@@ -129,18 +129,25 @@ def test_records_are_checked_before_anything_is_published(tmp_path):
     with pytest.raises(
         ConversionError, match=r"record 'x' for llava_train\.jsonl: conversations\[0\]\.assistant: empty"
     ):
-        convert("llava", tmp_path / "out", ["--src", str(tmp_path / "l.json"), "--image-folder", str(tmp_path)])
+        convert("llava", tmp_path / "out", src=tmp_path / "l.json", image_folder=tmp_path)
     talk[1]["value"] = "fine"
     (tmp_path / "l.json").write_text(json.dumps([{"id": "x", "image": "a.png", "conversations": talk}] * 2))
     with pytest.raises(ConversionError, match=r"record id 'x' occurs twice in llava_train\.jsonl"):
-        convert("llava", tmp_path / "out", ["--src", str(tmp_path / "l.json"), "--image-folder", str(tmp_path)])
+        convert("llava", tmp_path / "out", src=tmp_path / "l.json", image_folder=tmp_path)
     assert list((tmp_path / "out").iterdir()) == []
 
 
 def test_a_rerun_without_a_split_removes_the_stale_file(tmp_path, capsys):
     _folder(tmp_path / "src")
-    convert("image_folder", tmp_path / "out", ["--src", str(tmp_path / "src")])
+    convert("image_folder", tmp_path / "out", src=tmp_path / "src")
     assert (tmp_path / "out" / "image_folder_test.jsonl").exists()
-    convert("image_folder", tmp_path / "out", ["--src", str(tmp_path / "src"), "--test-fraction", "0"])
+    convert("image_folder", tmp_path / "out", src=tmp_path / "src", test_fraction=0)
     assert not (tmp_path / "out" / "image_folder_test.jsonl").exists()
     assert "image_folder_test.jsonl (left by an earlier run" in capsys.readouterr().out
+
+
+def test_unknown_converter_options_are_refused(tmp_path):
+    with pytest.raises(ConversionError, match=r"digits converter: unknown option\(s\) \['val_size'\]"):
+        convert("digits", tmp_path / "out", val_size=3)
+    with pytest.raises(ConversionError, match=r"--src .* is not used"):
+        convert("digits", tmp_path / "out", src=tmp_path)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
+import inspect
+import os
+from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from phi3v.data.convert import digits, docvqa, hateful_memes, image_folder, llava, nlvr2, ucf101
 from phi3v.data.convert.common import ConversionError, StagedOutput
@@ -19,19 +22,41 @@ SOURCES: dict[str, ModuleType] = {
 }
 
 
-def run(source: str, args: argparse.Namespace) -> list:
-    """Convert ``args.src`` into ``args.out`` with the named source's converter; all or nothing.
+def options(source: str) -> list[str]:
+    """The keyword arguments the named source's ``convert`` takes (``src`` included)."""
+    return [name for name in inspect.signature(_module(source).convert).parameters if name != "out"]
+
+
+def run(source: str, out: str | os.PathLike, name: str | None = None, **kwargs: Any) -> list[Path]:
+    """Convert with the named source's converter into ``out``; all or nothing.
+
+    Args:
+        source: A key of ``SOURCES``.
+        out: Output folder.
+        name: Dataset name in the file names (default: ``source``).
+        **kwargs: The converter's own typed keyword arguments (``src=...``, ``val_size=...``; see ``options``).
 
     Returns:
         The published data files.
+
+    Raises:
+        ConversionError: for an unknown source or option, or a source that cannot be converted.
     """
+    module = _module(source)
+    unknown = sorted(set(kwargs) - set(options(source)))
+    if unknown:
+        raise ConversionError(f"{source} converter: unknown option(s) {unknown}; known: {', '.join(options(source))}")
+    with StagedOutput(out, name or source) as staged:
+        module.convert(staged, **kwargs)
+        written = staged.commit()
+        print(staged.summary(written))
+    return written
+
+
+def _module(source: str) -> ModuleType:
     if source not in SOURCES:
         raise ConversionError(f"unknown source {source!r}; choose one of {', '.join(SOURCES)}")
-    with StagedOutput(args.out, args.name or source) as out:
-        SOURCES[source].convert(args, out)
-        written = out.commit()
-        print(out.summary(written))
-    return written
+    return SOURCES[source]
 
 
 def check_written(files: list, out_dir, num_crops: int, processor=None) -> bool:
@@ -62,4 +87,4 @@ def check_written(files: list, out_dir, num_crops: int, processor=None) -> bool:
     return clean
 
 
-__all__ = ["SOURCES", "ConversionError", "StagedOutput", "check_written", "run"]
+__all__ = ["SOURCES", "ConversionError", "StagedOutput", "check_written", "options", "run"]

@@ -19,6 +19,7 @@ from typing import Any
 
 from PIL import Image
 
+from phi3v.data.paths import read_image_inside
 from phi3v.data.schema import Record, check_image_path, parse_record
 from phi3v.processing.chat import Turn
 
@@ -177,6 +178,19 @@ def jsonl_rows(file: Path, unit: str) -> Iterator[tuple[str, Any]]:
         except json.JSONDecodeError as err:
             raise ConversionError(f"{file}:{number}: invalid JSON ({err.msg})") from err
         yield f"{file}:{number}", row
+
+
+def source_image(root: str | os.PathLike, path: str | os.PathLike, where: str) -> bytes:
+    """The bytes of a source image under ``root`` (``--src`` or the image folder), refused before anything is
+    staged when it resolves outside ``root`` (through ``..`` or a symbolic link) or is not an image.
+
+    Raises:
+        ConversionError: naming ``where`` (the record) and the path.
+    """
+    try:
+        return read_image_inside(root, path, where)
+    except ValueError as err:
+        raise ConversionError(str(err)) from None
 
 
 def single_turn(record_id: str, source: str, images: list[str], user: str, answer: str, references=None) -> Record:

@@ -21,25 +21,49 @@ from phi3v.tasks import get_task
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--frames", type=int, default=4, help="frames per digits_video clip")
-    parser.add_argument("--pairs-per-scan", type=int, default=1, help="digits_pair samples per scan of a split")
-    parser.add_argument("--val-fraction", type=float, default=0.15)
-    parser.add_argument("--test-fraction", type=float, default=0.15)
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N scans (quick runs)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--frames", type=int, help="frames per digits_video clip")
+    parser.add_argument("--pairs-per-scan", type=int, help="digits_pair samples per scan of a split")
+    parser.add_argument("--val-fraction", type=float)
+    parser.add_argument("--test-fraction", type=float)
+    parser.add_argument("--limit", type=int, help="use only the first N scans (quick runs)")
+    parser.add_argument("--seed", type=int)
 
 
-def convert(args: argparse.Namespace, out: StagedOutput) -> None:
+def convert(
+    out: StagedOutput,
+    src: None = None,
+    *,
+    frames: int = 4,
+    pairs_per_scan: int = 1,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    limit: int | None = None,
+    seed: int = 0,
+) -> None:
+    """Write the three digits tasks into ``out``.
+
+    Args:
+        out: Where records and images go.
+        src: Unused (the scans ship with scikit-learn); ``None``.
+        frames: Frames per ``digits_video`` clip.
+        pairs_per_scan: ``digits_pair`` samples per scan of a split.
+        val_fraction: Share of the scans held out as val.
+        test_fraction: Share of the scans held out as test.
+        limit: Use only the first ``limit`` scans (quick runs).
+        seed: Seeds the split, the pairs and the clips.
+    """
+    if src is not None:
+        raise ConversionError(f"digits reads scikit-learn's own scans; --src {src} is not used")
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     images, targets = digits.images, digits.target
-    if args.limit:
-        images, targets = images[: args.limit], targets[: args.limit]
-    rng = random.Random(args.seed)
+    if limit:
+        images, targets = images[:limit], targets[:limit]
+    rng = random.Random(seed)
     order = list(range(len(images)))
     rng.shuffle(order)
-    n_val, n_test = int(len(order) * args.val_fraction), int(len(order) * args.test_fraction)
+    n_val, n_test = int(len(order) * val_fraction), int(len(order) * test_fraction)
     splits = {"val": order[:n_val], "test": order[n_val : n_val + n_test], "train": order[n_val + n_test :]}
 
     paths = {}
@@ -56,7 +80,7 @@ def convert(args: argparse.Namespace, out: StagedOutput) -> None:
             out.add(
                 split, single_turn(f"{split}-{i:04d}", "digits", [paths[i]], single.prompt(), str(targets[i])), "digits"
             )
-        for n, i in enumerate(i for i in indices for _ in range(args.pairs_per_scan)):
+        for n, i in enumerate(i for i in indices for _ in range(pairs_per_scan)):
             same = rng.random() < 0.5 and len(by_class[int(targets[i])]) > 1
             pool = (
                 [j for j in by_class[int(targets[i])] if j != i]
@@ -69,15 +93,15 @@ def convert(args: argparse.Namespace, out: StagedOutput) -> None:
             record = single_turn(f"{split}-pair-{n:04d}", "digits", [paths[i], paths[j]], pair.prompt(),
                                  "yes" if same else "no")  # fmt: skip
             out.add(split, record, "digits_pair")
-        classes = [c for c, members in by_class.items() if len(members) >= args.frames]
+        classes = [c for c, members in by_class.items() if len(members) >= frames]
         if not classes:
             raise ConversionError(
-                f"the {split} split ({len(indices)} scans) has no digit with {args.frames} scans for a clip; "
+                f"the {split} split ({len(indices)} scans) has no digit with {frames} scans for a clip; "
                 "use more scans (--limit) or fewer --frames"
             )
         for n in range(len(indices) // 2):
             digit = rng.choice(classes)
-            frames = rng.sample(by_class[digit], args.frames)
-            record = single_turn(f"{split}-video-{n:04d}", "digits", [paths[f] for f in frames], video.prompt(),
+            clip = rng.sample(by_class[digit], frames)
+            record = single_turn(f"{split}-video-{n:04d}", "digits", [paths[f] for f in clip], video.prompt(),
                                  str(digit))  # fmt: skip
             out.add(split, record, "digits_video")

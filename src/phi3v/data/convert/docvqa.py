@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from tqdm import tqdm
@@ -26,16 +27,24 @@ from phi3v.data.convert.common import (
     require,
     safe_relative,
     single_turn,
+    source_image,
 )
 from phi3v.tasks import get_task
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--val-size", type=int, default=500, help="the_cauldron: rows held out as val")
+    parser.add_argument("--val-size", type=int, help="the_cauldron: rows held out as val")
 
 
-def convert(args: argparse.Namespace, out: StagedOutput) -> None:
-    src = Path(args.src)
+def convert(out: StagedOutput, src: str | os.PathLike, *, val_size: int = 500) -> None:
+    """Convert a DocVQA copy (any of the three shapes) into ``out``.
+
+    Args:
+        out: Where records and images go.
+        src: A ``save_to_disk`` folder, parquet/arrow files, or the folder of the original ``*_v1.0.json``.
+        val_size: the_cauldron: the first rows held out as val (the reference recipe's 500).
+    """
+    src = Path(src)
     originals = sorted(src.glob("*_v1.0.json")) if src.is_dir() else []
     if originals:
         _convert_original(originals, out)
@@ -45,8 +54,8 @@ def convert(args: argparse.Namespace, out: StagedOutput) -> None:
         if hf.cauldron_rows(dataset):
             dataset = hf.undecoded(dataset, "images")
             for row_index, row in enumerate(tqdm(dataset, desc=split, unit="doc")):
-                target = "val" if split == "train" and row_index < args.val_size else split
-                image = hf.image_bytes(row["images"][0], f"{src} {split} row {row_index}")
+                target = "val" if split == "train" and row_index < val_size else split
+                image = hf.image_bytes(row["images"][0], f"{src} {split} row {row_index}", src)
                 path = out.save_image(f"{out.name}/{split}/{row_index:07d}{image_extension(image)}", image)
                 for q, text in enumerate(row["texts"]):
                     record = single_turn(f"{split}-{row_index:07d}-{q}", "docvqa", [path], text["user"],
@@ -55,7 +64,7 @@ def convert(args: argparse.Namespace, out: StagedOutput) -> None:
         elif {"image", "query", "answers"} <= set(dataset.column_names):
             dataset = hf.undecoded(dataset, "image")
             for row_index, row in enumerate(tqdm(dataset, desc=split, unit="q")):
-                image = hf.image_bytes(row["image"], f"{src} {split} row {row_index}")
+                image = hf.image_bytes(row["image"], f"{src} {split} row {row_index}", src)
                 path = out.save_image(f"{out.name}/{split}/{row_index:07d}{image_extension(image)}", image)
                 query = row["query"]
                 question = query.get("en") if isinstance(query, dict) else query
@@ -76,7 +85,11 @@ def _convert_original(files: list[Path], out: StagedOutput) -> None:
         split = {"train": "train", "val": "val", "test": "test"}.get(file.name.split("_")[0])
         if split is None:
             raise ConversionError(f"{file}: expected train_v1.0.json, val_v1.0.json or test_v1.0.json")
-        entries = json.loads(file.read_text(encoding="utf-8")).get("data")
+        try:
+            document = json.loads(file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ConversionError(f"{file}: not a UTF-8 JSON file ({err})") from None
+        entries = document.get("data") if isinstance(document, dict) else None
         if not isinstance(entries, list):
             raise ConversionError(f"{file}: no 'data' list")
         unanswered = 0
@@ -90,9 +103,9 @@ def _convert_original(files: list[Path], out: StagedOutput) -> None:
             relative = safe_relative(require(entry, "image", where), where)
             source = file.parent / relative
             if source not in copied:
-                if not source.exists():
-                    raise ConversionError(f"{where}: image {source} not found")
-                copied[source] = out.save_image(f"{out.name}/{split}/{relative}", source.read_bytes())
+                copied[source] = out.save_image(
+                    f"{out.name}/{split}/{relative}", source_image(file.parent, relative, where)
+                )
             record = single_turn(f"{split}-{require(entry, 'questionId', where)}", "docvqa", [copied[source]],
                                  task.prompt(entry["question"]), answers[0], answers)  # fmt: skip
             out.add(split, record)

@@ -10,7 +10,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from phi3v.data.convert.common import ConversionError
+from phi3v.data.convert.common import ConversionError, source_image
+from phi3v.data.paths import check_image_bytes
 
 _SPLIT_NAMES = {"train": "train", "validation": "val", "valid": "val", "val": "val", "dev": "val", "test": "test"}
 
@@ -67,15 +68,28 @@ def undecoded(dataset: Any, column: str) -> Any:
     return dataset.cast_column(column, feature)
 
 
-def image_bytes(value: dict, where: str) -> bytes:
-    """The encoded bytes of an undecoded image cell."""
+def image_bytes(value: dict, where: str, src: str | Path) -> bytes:
+    """The encoded bytes of an undecoded image cell, checked to be an image.
+
+    A cell without bytes may name a file in ``path``; it is read only when it lies inside the source folder
+    ``src`` (a relative path is taken relative to it), after resolving symbolic links.
+
+    Raises:
+        ConversionError: naming the row (``where``) for a path outside ``src``, a missing file, or bytes that are
+            not an image.
+    """
     data = value.get("bytes") if isinstance(value, dict) else None
     if data:
+        try:
+            check_image_bytes(data, f"{where}: the image cell")
+        except ValueError as err:
+            raise ConversionError(str(err)) from None
         return data
     path = value.get("path") if isinstance(value, dict) else None
-    if path and Path(path).exists():
-        return Path(path).read_bytes()
-    raise ConversionError(f"{where}: image has neither bytes nor a readable path")
+    if path:
+        src = Path(src)
+        return source_image(src if src.is_dir() else src.parent, path, where)
+    raise ConversionError(f"{where}: image has neither bytes nor a path")
 
 
 def cauldron_rows(dataset: Any) -> bool:

@@ -8,14 +8,15 @@ must alternate, starting with a human turn.
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import os
 import random
-import shutil
 from pathlib import Path
 
 from tqdm import tqdm
 
-from phi3v.data.convert.common import ConversionError, StagedOutput
+from phi3v.data.convert.common import ConversionError, StagedOutput, source_image
 from phi3v.data.schema import Record, check_image_path
 from phi3v.processing.chat import Turn
 from phi3v.processing.image import ImageError, load_image
@@ -25,8 +26,8 @@ HUMAN, GPT = ("human", "user"), ("gpt", "assistant")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-folder", required=True, help="folder the records' image paths are relative to")
-    parser.add_argument("--val-fraction", type=float, default=0.0)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--val-fraction", type=float)
+    parser.add_argument("--seed", type=int)
 
 
 def _load(path: Path) -> list[dict]:
@@ -76,11 +77,27 @@ def to_record(item: dict, index: int, where: str) -> Record:
     return Record(record_id, "llava", turns, [turns[-1].assistant])
 
 
-def convert(args: argparse.Namespace, out: StagedOutput) -> None:
-    src, folder = Path(args.src), Path(args.image_folder)
+def convert(
+    out: StagedOutput,
+    src: str | os.PathLike,
+    *,
+    image_folder: str | os.PathLike,
+    val_fraction: float = 0.0,
+    seed: int = 0,
+) -> None:
+    """Convert a LLaVA-style json or jsonl file into ``out``.
+
+    Args:
+        out: Where records and images go.
+        src: The json (a list) or jsonl file.
+        image_folder: The folder the records' image paths are relative to.
+        val_fraction: The share of records held out as val (seeded).
+        seed: Seeds the hold-out draw.
+    """
+    src, folder = Path(src), Path(image_folder)
     items = _load(src)
-    rng = random.Random(args.seed)
-    val = set(rng.sample(range(len(items)), round(len(items) * args.val_fraction)))
+    rng = random.Random(seed)
+    val = set(rng.sample(range(len(items)), round(len(items) * val_fraction)))
     copied: set[str] = set()
     for index, item in enumerate(tqdm(items, desc="records", unit="rec")):
         where = f"{src} record {index}"
@@ -93,11 +110,12 @@ def convert(args: argparse.Namespace, out: StagedOutput) -> None:
                     raise ConversionError(f"{where}: {reason}")
                 relative = f"{out.name}/{path}"
                 if relative not in copied:
+                    data = source_image(folder, path, where)
                     try:
-                        load_image(folder / path)
+                        load_image(io.BytesIO(data))  # a full decode: truncated files are refused too
                     except ImageError as err:
-                        raise ConversionError(f"{where}: {err}") from err
-                    shutil.copyfile(folder / path, out.image_file(relative))
+                        raise ConversionError(f"{where}: {path}: {err}") from err
+                    out.image_file(relative).write_bytes(data)
                     copied.add(relative)
                 turn.images[k] = relative
         out.add("val" if index in val else "train", record)
