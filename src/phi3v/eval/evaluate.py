@@ -123,9 +123,10 @@ def evaluate(
         local.append(entry)
     if world > 1:
         gathered: list[list[dict]] = [[] for _ in range(world)]
-        dist.all_gather_object(gathered, local)
-        by_id = {p["id"]: p for part in gathered for p in part}
-        predictions = [by_id[dataset.records[i].id] for i in indices]
+        # Keyed by sample index, not record id: ids may repeat, and every sample keeps its prediction.
+        dist.all_gather_object(gathered, list(zip(mine, local, strict=True)))
+        by_index = dict(pair for part in gathered for pair in part)
+        predictions = [by_index[i] for i in indices]
     else:
         predictions = local
     positives = [p.get("positive_score") for p in predictions]
