@@ -86,7 +86,8 @@ def test_eval_spreads_over_ranks_under_torchrun_and_keeps_duplicate_ids(lora_run
     subprocess.run([sys.executable, "-m", "phi3v", "eval", *args, "--out", str(tmp_path / "one")], check=True,
                    capture_output=True)  # fmt: skip
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-                    "phi3v", "eval", *args, "--out", str(tmp_path / "two")], check=True, capture_output=True)  # fmt: skip
+                    "phi3v", "eval", *args, "--out", str(tmp_path / "two")],
+                   check=True, capture_output=True)  # fmt: skip
     one = (tmp_path / "one" / "predictions.jsonl").read_text()
     assert one == (tmp_path / "two" / "predictions.jsonl").read_text()
     references = [json.loads(line)["references"] for line in one.splitlines()]

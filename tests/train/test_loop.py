@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from phi3v import Phi3VForCausalLM
 from phi3v.train.checkpoint import CheckpointError, find_resumable, list_checkpoints, verify
-from phi3v.train.loop import GlobalBatchSampler, TrainingError, audit_gradients, train
+from phi3v.train.loop import GlobalBatchSampler, TrainingError, audit_gradients, make_scheduler, train
 from phi3v.train.strategy import STRATEGIES, component
 from tests.train.conftest import tiny_config
 
@@ -72,6 +72,26 @@ def test_sampler_steps_do_not_depend_on_the_number_of_processes(digits, tmp_path
     assert resumed == whole[8:]
 
 
+@pytest.mark.parametrize(
+    ("schedule", "factors"),
+    [  # warmup 2 of 6 steps, worked by hand: s / 2 during warmup, then (6 - s) / 4, 0.5 (1 + cos(pi (s - 2) / 4)), 1
+        ("linear", [0.0, 0.5, 1.0, 0.75, 0.5, 0.25, 0.0]),
+        ("cosine", [0.0, 0.5, 1.0, 0.8535533905932737, 0.5, 0.14644660940672627, 0.0]),
+        ("constant", [0.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0]),
+    ],
+)
+def test_the_schedule_is_the_reference_recipe_s_step_for_step(digits, tmp_path, schedule, factors):
+    config = tiny_config(digits, tmp_path, lr=2.0, warmup_steps=2, schedule=schedule)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=config.lr)
+    scheduler = make_scheduler(optimizer, config, total_steps=6)
+    rates = []
+    for _ in factors:
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert rates == pytest.approx([2.0 * f for f in factors], abs=1e-12)
+
+
 def test_audit_finds_missing_and_unexpected_gradients():
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
     model[1].requires_grad_(False)
@@ -128,7 +148,7 @@ def test_resume_refuses_other_settings_and_logs_the_lr_a_step_uses(digits, tmp_p
     config = tiny_config(digits, tmp_path, strategy="lora", max_steps=2, save_every=1, warmup_steps=4, lr=1e-3)
     train(config)
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    assert [r["lr"] for r in log] == pytest.approx([1e-3 * 1 / 5, 1e-3 * 2 / 5])  # warmup: (step + 1) / (warmup + 1)
+    assert [r["lr"] for r in log] == pytest.approx([0.0, 1e-3 * 1 / 4])  # warmup: step / warmup, from step 0
     changed = tiny_config(digits, tmp_path, strategy="lora", max_steps=4, lr=5e-4, warmup_steps=4, resume="auto")
     with pytest.raises(TrainingError, match=r"other settings \(max_steps: 2 -> 4, lr: 0\.001 -> 0\.0005\)"):
         train(changed)

@@ -114,16 +114,18 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> tuple[torch.o
     return optimizer, names
 
 
-def lr_lambda(step: int, config: TrainConfig, total_steps: int) -> float:
-    """Linear warmup, then linear / cosine decay to 0, or constant."""
-    if step < config.warmup_steps:
-        return (step + 1) / (config.warmup_steps + 1)
-    if config.schedule == "constant":
-        return 1.0
-    progress = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
-    if config.schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return max(0.0, 1.0 - progress)
+SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
+"""Our ``schedule`` names -> transformers' ``get_scheduler`` names."""
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int):
+    """The reference recipe's schedule, from transformers' ``get_scheduler``: the step-``s`` factor is
+    ``s / warmup`` during warmup (so step 1 runs at 0), then linear (``(T - s) / (T - warmup)``) or cosine decay to
+    0, or constant 1."""
+    from transformers import get_scheduler
+
+    return get_scheduler(SCHEDULES[config.schedule], optimizer, num_warmup_steps=config.warmup_steps,
+                         num_training_steps=total_steps)  # fmt: skip
 
 
 def audit_gradients(model: torch.nn.Module, get_grad, skip_image_side: bool = False) -> None:
@@ -215,7 +217,7 @@ def train(config: TrainConfig) -> dict:
     task = get_task(config.task)
 
     optimizer, names = make_optimizer(model, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_lambda, config=config, total_steps=total_steps))
+    scheduler = make_scheduler(optimizer, config, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
 
