@@ -170,7 +170,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from phi3v.eval.inference import generate
+    from phi3v.eval.generate import generate
     from phi3v.processing import load_image
 
     model, processor = _model_and_processor(args)

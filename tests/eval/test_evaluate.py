@@ -6,8 +6,9 @@ from PIL import Image
 
 from phi3v.cli import main
 from phi3v.data.dataset import JsonlDataset
-from phi3v.eval.evaluate import evaluate, generate_answers, write_evaluation
-from phi3v.eval.inference import label_scores, load_for_inference
+from phi3v.eval.evaluate import evaluate, write_evaluation
+from phi3v.eval.generate import generate_answers, label_scores
+from phi3v.eval.inference import load_for_inference
 from phi3v.tasks import get_task
 
 
@@ -94,3 +95,20 @@ def test_eval_spreads_over_ranks_under_torchrun_and_keeps_duplicate_ids(lora_run
     assert references == [r["references"] for r in records]
     assert len(set(map(str, references))) > 1  # the samples differ, so a collapsed gather would show
     assert (tmp_path / "one" / "metrics.json").read_text() == (tmp_path / "two" / "metrics.json").read_text()
+
+
+def test_eval_modules_import_along_the_data_flow():
+    """generate.py answers; evaluate.py scores what it answers; inference.py loads. None imports back up."""
+    import ast
+    from pathlib import Path
+
+    import phi3v.eval
+
+    def imports(name):
+        tree = ast.parse((Path(phi3v.eval.__file__).parent / f"{name}.py").read_text())
+        found = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        return {m.rsplit(".", 1)[-1] for m in found if m.startswith("phi3v.eval")}
+
+    assert imports("generate") == set()
+    assert imports("inference") == set()
+    assert imports("evaluate") == {"generate"}
