@@ -232,13 +232,24 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _inference_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model directory (official format) or hub id")
     parser.add_argument("--adapter", default=None, help="PEFT adapter directory (from phi3v train)")
     parser.add_argument("--num-crops", type=int, default=None, help="override the processor's num_crops")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default cpu)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=_positive_int, default=64)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -280,8 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--image-root", required=True)
     ev.add_argument("--task", required=True)
     ev.add_argument("--out", default="eval", help="folder for predictions.jsonl and metrics.json")
-    ev.add_argument("--batch-size", type=int, default=8)
-    ev.add_argument("--max-samples", type=int, default=None)
+    ev.add_argument("--batch-size", type=_positive_int, default=8)
+    ev.add_argument("--max-samples", type=_positive_int, default=None)
     ev.add_argument("--label-set", action="store_true", help="score each label by log-likelihood instead of generating")
     ev.add_argument("--labels", default=None, help="comma-separated label set (default: the task's)")
     ev.set_defaults(func=_cmd_eval)

@@ -7,6 +7,7 @@ The resolved config is written to the run directory as ``config.yaml``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -116,6 +117,9 @@ class TrainConfig:
     """Run directory: config, logs, checkpoints, final model."""
     resume: str | None = None
     """``auto`` (latest valid checkpoint in the run directory, if any) or a checkpoint path."""
+    overwrite: bool = False
+    """Start afresh in an ``output_dir`` that holds another run: its checkpoints, logs and final model are deleted
+    first. Without it (and without ``resume``), such a folder stops the run before anything is written."""
     save_every: int = 0
     """Save a checkpoint every N optimizer steps (0: only at the end)."""
     keep_last: int = 2
@@ -163,6 +167,11 @@ class TrainConfig:
             problems.append("image_root: required (the folder image paths are relative to)")
         elif not Path(self.image_root).is_dir():
             problems.append(f"image_root={self.image_root!r}: not a directory")
+        for f in fields(self):  # nan and inf pass every comparison below; refuse them first
+            values = getattr(self, f.name) if f.name == "adam_betas" else [getattr(self, f.name)]
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                problems.append(f"{f.name}={getattr(self, f.name)!r}: must be a finite number")
+        problems += _output_dir_problems(self.output_dir)
         for name in ("num_crops", "max_length", "per_device_batch_size", "global_batch_size", "lora_rank",
                      "checkpoint_every"):  # fmt: skip
             if getattr(self, name) < 1:
@@ -253,8 +262,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
     data: dict[str, Any] = {}
     problems = []
     if path is not None:
-        with open(path, encoding="utf-8") as f:
-            loaded = yaml.safe_load(f) or {}
+        loaded = _read_yaml(path)
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of settings, got {type(loaded).__name__}")
         data.update(loaded)
@@ -281,6 +289,34 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
     if "adam_betas" in data:
         data["adam_betas"] = tuple(float(b) for b in data["adam_betas"])
     return TrainConfig(**{k: v for k, v in data.items() if k in hints})
+
+
+def _read_yaml(path: str | os.PathLike) -> Any:
+    """The YAML document in ``path``; ``ConfigError`` naming the file (and line) when it cannot be read."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}{where}: invalid YAML ({problem})") from err
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config ({err.strerror or err})") from err
+
+
+def _output_dir_problems(output_dir: str) -> list[str]:
+    """Why a run could not write into ``output_dir`` (a file in the way, no write permission), found up front."""
+    path = Path(output_dir)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    if not path.is_dir():
+        return [f"output_dir={output_dir!r}: {path} is a file, not a folder"]
+    if not os.access(path, os.W_OK | os.X_OK):
+        return [f"output_dir={output_dir!r}: {path} is not writable"]
+    return []
 
 
 def _type_problem(key: str, value: Any, hint: Any) -> str | None:

@@ -177,8 +177,12 @@ def train(config: TrainConfig) -> dict:
     main = accelerator.is_main_process
     run_dir = Path(config.output_dir)
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config.save(run_dir / "config.yaml")
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            config.save(run_dir / "config.yaml")
+        except OSError as err:  # found at the time of use too: a folder may change after validation
+            problem = err.strerror or err
+            raise TrainingError(f"output_dir={config.output_dir!r}: cannot write there ({problem})") from err
     accelerator.wait_for_everyone()
 
     seed_everything(config.seed)
