@@ -1,6 +1,7 @@
 """The recipe end to end on the tiny model and real digit scans."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -181,3 +182,84 @@ def test_packing_gives_the_same_losses(digits, tmp_path):
     plain = train(tiny_config(digits, tmp_path, max_steps=3, output_dir=str(tmp_path / "a")))
     packed = train(tiny_config(digits, tmp_path, max_steps=3, packing=True, output_dir=str(tmp_path / "b")))
     assert packed["losses"] == pytest.approx(plain["losses"], rel=1e-4)
+
+
+def _log_steps(run):
+    return [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_a_used_output_dir_is_refused_unless_resumed_or_overwritten(digits, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(digits, tmp_path, strategy="lora", max_steps=4, save_every=1, keep_last=10))
+    before = sorted(p.name for p in list_checkpoints(run))
+    with pytest.raises(
+        TrainingError,
+        match=r"holds another run \(checkpoints, log\.jsonl, summary\.json, final\); "
+        r"continue it with resume=auto, choose a new output_dir, or replace it with overwrite=true",
+    ):
+        train(tiny_config(digits, tmp_path, strategy="lora", max_steps=2, save_every=1))
+    assert sorted(p.name for p in list_checkpoints(run)) == before and _log_steps(run) == [1, 2, 3, 4]
+    # Replaced on request: the old run's steps 3 and 4 neither survive nor prune the new run's checkpoints.
+    train(tiny_config(digits, tmp_path, strategy="lora", max_steps=2, save_every=1, keep_last=10, overwrite=True))
+    assert [p.name for p in list_checkpoints(run)] == ["step-0000002", "step-0000001"]
+    assert _log_steps(run) == [1, 2]
+
+
+def test_resume_auto_without_a_usable_checkpoint_starts_afresh_with_a_fresh_log(digits, tmp_path):
+    run = tmp_path / "run"
+    settings = dict(strategy="lora", max_steps=3, save_every=1, keep_last=2)
+    train(tiny_config(digits, tmp_path, **settings))
+    for folder in list_checkpoints(run):
+        (folder / "manifest.json").unlink()  # every checkpoint damaged
+    summary = train(tiny_config(digits, tmp_path, resume="auto", **settings))
+    assert summary["steps"] == 3 and _log_steps(run) == [1, 2, 3]  # not 1-3 twice
+    assert [p.name for p in list_checkpoints(run)] == ["step-0000003", "step-0000002"]
+    assert sorted(p.name for p in (run / "checkpoints").glob("abandoned-*")) == [
+        "abandoned-step-0000002",
+        "abandoned-step-0000003",
+    ]
+
+
+def test_checkpoints_with_a_malformed_manifest_or_state_are_skipped_saying_why(digits, tmp_path, caplog):
+    from phi3v.train.checkpoint import write_manifest
+
+    run = tmp_path / "run"
+    settings = dict(strategy="lora", max_steps=4, save_every=1, keep_last=4)
+    train(tiny_config(digits, tmp_path, **settings))
+    step4, step3, step2, _ = list_checkpoints(run)
+    manifest = json.loads((step4 / "manifest.json").read_text())
+    del manifest["trainer_state.json"]["size"]
+    (step4 / "manifest.json").write_text(json.dumps(manifest))  # valid JSON, wrong shape
+    (step3 / "manifest.json").write_text("[1, 2]")
+    state = json.loads((step2 / "trainer_state.json").read_text())
+    state["step"] = "two"
+    (step2 / "trainer_state.json").write_text(json.dumps(state))
+    write_manifest(step2)  # a manifest that matches the bad state: only the state's own check can catch it
+    with caplog.at_level("INFO", logger="phi3v"):
+        summary = train(tiny_config(digits, tmp_path, resume="auto", **settings))
+    reasons = "\n".join(r.message for r in caplog.records)
+    assert "trainer_state.json: size None is not a byte count" in reasons
+    assert "manifest.json: expected a mapping of file names, got list" in reasons
+    assert "step: 'two' is not int" in reasons
+    assert "resumed from" in caplog.text and "step-0000001 at step 1" in caplog.text
+    assert summary["steps"] == 4 and _log_steps(run) == [1, 2, 3, 4]
+
+
+def test_a_torn_last_log_line_is_tolerated_by_resume_and_report(digits, tmp_path):
+    from phi3v.report import write_report
+    from phi3v.train.runlog import LogError
+
+    run = tmp_path / "run"
+    settings = dict(strategy="lora", max_steps=3, save_every=1, keep_last=3)
+    train(tiny_config(digits, tmp_path, **settings))
+    # As a kill in the middle of step 3's log write leaves it: checkpoint 2 the last, step 3's line torn.
+    shutil.rmtree(run / "checkpoints" / "step-0000003")
+    lines = (run / "log.jsonl").read_text().splitlines()
+    (run / "log.jsonl").write_text(lines[0] + "\n" + lines[1] + "\n" + lines[2][:15])
+    assert write_report(run).exists()
+    summary = train(tiny_config(digits, tmp_path, resume="auto", **settings))
+    assert summary["steps"] == 3 and _log_steps(run) == [1, 2, 3]
+    lines = (run / "log.jsonl").read_text().splitlines()
+    (run / "log.jsonl").write_text("\n".join([lines[0], '{"step": 2, "lo', lines[2]]) + "\n")
+    with pytest.raises(LogError, match=r"log\.jsonl:2: not a log record"):
+        write_report(run)

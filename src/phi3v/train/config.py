@@ -196,6 +196,8 @@ class TrainConfig:
             problems.append(f"adam_betas={list(self.adam_betas)}: each must be in [0, 1)")
         if self.resolved_engine == "fsdp2" and self.val_data:
             problems.append("engine=fsdp2 with val_data: evaluation during training is not supported on FSDP2 yet")
+        if self.overwrite and self.resume is not None:
+            problems.append(f"overwrite=true with resume={self.resume!r}: choose one (overwrite deletes the run)")
         if self.keep_last < 1:
             problems.append(f"keep_last={self.keep_last}: keep at least 1 checkpoint")
         per_step = self.per_device_batch_size * world_size

@@ -14,11 +14,13 @@ that count (times the accumulation steps and ranks that Accelerate/DDP average o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import os
 import random
+import shutil
 import time
 from collections.abc import Iterator
 from functools import partial
@@ -36,6 +38,7 @@ from phi3v.processing import Phi3VProcessor
 from phi3v.processing.chat import IGNORE_INDEX
 from phi3v.tasks import get_task
 from phi3v.train import checkpoint as ckpt
+from phi3v.train import runlog
 from phi3v.train.config import TrainConfig
 from phi3v.train.engine import make_accelerator, restore_training_state, training_state
 from phi3v.train.strategy import apply_strategy, component, parameter_counts
@@ -176,7 +179,10 @@ def train(config: TrainConfig) -> dict:
         )
     main = accelerator.is_main_process
     run_dir = Path(config.output_dir)
+    resume_from = _resume_target(config, run_dir)  # every rank verifies the same files before anything changes
+    accelerator.wait_for_everyone()
     if main:
+        _claim_run_dir(config, run_dir, resume_from)
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             config.save(run_dir / "config.yaml")
@@ -225,28 +231,26 @@ def train(config: TrainConfig) -> dict:
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
 
-    state = {"step": 0, "losses": [], "dropped": 0, "best": None, "best_checkpoint": None, "evaluations": [],
-             "run": _run_identity(config), "scaler": None}  # fmt: skip
-    resume_from = _resume_target(config, run_dir)
+    state = ckpt.TrainerState(run=_run_identity(config), world_size=world)
     if resume_from is not None:
         loaded = ckpt.load_checkpoint(resume_from, rank)
-        saved = loaded["trainer_state"].get("run", {})
-        changed = {k: (saved.get(k), v) for k, v in state["run"].items() if saved.get(k) != v}
+        saved = loaded["trainer_state"].run
+        changed = {k: (saved.get(k), v) for k, v in state.run.items() if saved.get(k) != v}
         if changed:
             listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
             raise TrainingError(f"{resume_from} was written by a run with other settings ({listed}); resume with "
                                 "the same settings or start a new output_dir")  # fmt: skip
         restore_training_state(accelerator, model, unwrapped, optimizer, names, loaded)
         scheduler.load_state_dict(loaded["scheduler"])
-        state.update({k: v for k, v in loaded["trainer_state"].items() if k in state})
-        if state["scaler"] is not None and accelerator.scaler is not None:
-            accelerator.scaler.load_state_dict(state["scaler"])
+        state = dataclasses.replace(loaded["trainer_state"], world_size=world)
+        if state.scaler is not None and accelerator.scaler is not None:
+            accelerator.scaler.load_state_dict(state.scaler)
         if main:
-            logger.info("resumed from %s at step %d", resume_from, state["step"])
-            _truncate_log(run_dir / "log.jsonl", state["step"])
-            ckpt.set_aside_newer(run_dir, state["step"])
+            logger.info("resumed from %s at step %d", resume_from, state.step)
+            runlog.truncate_log(run_dir / "log.jsonl", state.step)
+            ckpt.set_aside_newer(run_dir, state.step)
 
-    sampler = GlobalBatchSampler(len(dataset), config, world, rank, state["step"], total_steps)
+    sampler = GlobalBatchSampler(len(dataset), config, world, rank, state.step, total_steps)
     loader = DataLoader(
         dataset,
         batch_sampler=sampler,
@@ -258,9 +262,9 @@ def train(config: TrainConfig) -> dict:
     batches = iter(loader)  # draws the loader's base seed from the torch RNG ...
     if resume_from is not None:
         ckpt.set_rng_state(loaded["rng"], loaded["rng_meta"])  # ... so the saved RNG state goes in after it
-    writer = _tensorboard(run_dir, state["step"]) if main else None
+    writer = _tensorboard(run_dir, state.step) if main else None
     log_file = run_dir / "log.jsonl"
-    progress = _progress(main, state["step"], total_steps)
+    progress = _progress(main, state.step, total_steps)
     try:
         micro: list[dict] = []
         tick, samples_done = time.perf_counter(), 0
@@ -268,7 +272,7 @@ def train(config: TrainConfig) -> dict:
             micro.append(batch)
             if len(micro) < accumulation:
                 continue
-            step = state["step"]
+            step = state.step
             dropped = sum(b["num_dropped"] for b in micro)
             local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
             local_images = sum(0 if b["pixel_values"] is None else b["pixel_values"].shape[0] for b in micro)
@@ -310,26 +314,26 @@ def train(config: TrainConfig) -> dict:
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if accelerator.scaler is not None:
-                state["scaler"] = accelerator.scaler.state_dict()
-            state["step"] = step + 1
-            state["losses"].append(loss)
-            state["dropped"] += global_dropped
+                state.scaler = accelerator.scaler.state_dict()
+            state.step = step + 1
+            state.losses.append(loss)
+            state.dropped += global_dropped
             micro = []
             samples_done += config.global_batch_size
-            last = state["step"] == total_steps
-            if main and (state["step"] % config.log_every == 0 or last):
+            last = state.step == total_steps
+            if main and (state.step % config.log_every == 0 or last):
                 rate = samples_done / (time.perf_counter() - tick)
-                record = {"step": state["step"], "loss": loss, "lr": lr, "samples_per_s": rate,
-                          "dropped": state["dropped"]}  # fmt: skip
+                record = {"step": state.step, "loss": loss, "lr": lr, "samples_per_s": rate,
+                          "dropped": state.dropped}  # fmt: skip
                 _log(writer, log_file, record)
             if progress:
                 progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
                 progress.update(1)
-            evaluate_now = val is not None and ((config.eval_every and state["step"] % config.eval_every == 0) or last)
+            evaluate_now = val is not None and ((config.eval_every and state.step % config.eval_every == 0) or last)
             improved = evaluate_now and _evaluate(
                 unwrapped, processor, val, task, config, state, writer, log_file, main
             )
-            if improved or last or (config.save_every and state["step"] % config.save_every == 0):
+            if improved or last or (config.save_every and state.step % config.save_every == 0):
                 _save(accelerator, model, unwrapped, optimizer, names, scheduler, state, config, run_dir)
     finally:
         if progress:
@@ -340,14 +344,14 @@ def train(config: TrainConfig) -> dict:
 
 
 def _finish(accelerator, model, unwrapped, processor, config, run_dir, state, main) -> dict:
-    summary = {"steps": state["step"], "losses": state["losses"], "dropped": state["dropped"]}
+    summary = {"steps": state.step, "losses": state.losses, "dropped": state.dropped}
     final = run_dir / "final"
     # Gathering a sharded model is collective: every rank takes part, the main one writes.
     # (LoRA adapters are whole on every process, except under FSDP2, which shards them like the rest.)
     full_state = accelerator.get_state_dict(model) if accelerator.is_fsdp2 or not config.lora else None
     if main:
         _final_save(unwrapped, processor, config, final, full_state)
-        summary.update(final=str(final), best=state["best"], best_checkpoint=state["best_checkpoint"])
+        summary.update(final=str(final), best=state.best, best_checkpoint=state.best_checkpoint)
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -362,11 +366,41 @@ def _run_identity(config: TrainConfig) -> dict:
     return {k: v for k, v in config.to_dict().items() if k in keys}
 
 
-def _truncate_log(log_file: Path, step: int) -> None:
-    """Drop log lines of steps after ``step`` (they are about to be run again)."""
-    if log_file.exists():
-        kept = [line for line in log_file.read_text().splitlines() if json.loads(line)["step"] <= step]
-        atomic_write_text(log_file, "".join(line + "\n" for line in kept))
+RUN_FILES = ("checkpoints", "log.jsonl", "summary.json", "final")
+"""What a run leaves in its ``output_dir``; any of them means the folder belongs to a run."""
+
+
+def _claim_run_dir(config: TrainConfig, run_dir: Path, resume_from: Path | None) -> None:
+    """Make ``run_dir`` this run's, before anything is written (main process only).
+
+    A folder holding another run is refused unless the run resumes it or ``overwrite`` is set (then the old run's
+    files are deleted). ``resume=auto`` without a usable checkpoint starts afresh: the old log is emptied and any
+    damaged checkpoints are set aside, so they are neither pruned as "newer" nor mixed into this run's log.
+    """
+    found = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if config.overwrite:
+        for name in [*found, "tensorboard"]:
+            path = run_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        if found:
+            logger.warning("overwrite=true: deleted the previous run's %s in %s", ", ".join(found), run_dir)
+        return
+    if config.resume is None:
+        if found:
+            raise TrainingError(
+                f"output_dir {run_dir} holds another run ({', '.join(found)}); continue it with resume=auto, "
+                "choose a new output_dir, or replace it with overwrite=true"
+            )
+        shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)  # events of an attempt that logged no step
+    elif resume_from is None:
+        if found:
+            logger.warning("resume=auto: no usable checkpoint in %s; starting from step 0", run_dir)
+        runlog.truncate_log(run_dir / "log.jsonl", 0)
+        ckpt.set_aside_newer(run_dir, 0)
+        shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
 
 
 def _resume_target(config: TrainConfig, run_dir: Path) -> Path | None:
@@ -385,12 +419,12 @@ def _evaluate(model, processor, val, task, config, state, writer, log_file, main
 
     result = evaluate(model, processor, val, task, max_samples=config.eval_max_samples)
     value = next(iter(result.metrics.values()))  # the task's main metric comes first
-    state["evaluations"].append({"step": state["step"], **result.metrics})
+    state.evaluations.append({"step": state.step, **result.metrics})
     if main:
-        _log(writer, log_file, {"step": state["step"], **{f"eval/{k}": v for k, v in result.metrics.items()}})
-    if state["best"] is None or value > state["best"]:
-        state["best"] = value
-        state["best_checkpoint"] = str(ckpt.checkpoint_dir(config.output_dir, state["step"]).resolve())
+        _log(writer, log_file, {"step": state.step, **{f"eval/{k}": v for k, v in result.metrics.items()}})
+    if state.best is None or value > state.best:
+        state.best = value
+        state.best_checkpoint = str(ckpt.checkpoint_dir(config.output_dir, state.step).resolve())
         return True
     return False
 
@@ -398,11 +432,11 @@ def _evaluate(model, processor, val, task, config, state, writer, log_file, main
 def _save(accelerator, model, unwrapped, optimizer, names, scheduler, state, config, run_dir) -> None:
     pieces = training_state(accelerator, model, unwrapped, optimizer, names)  # collective (sharded engines)
     ckpt.save_checkpoint(
-        run_dir, state["step"], pieces, scheduler, state,
+        run_dir, state.step, pieces, scheduler, state,
         accelerator.process_index, accelerator.num_processes, accelerator.wait_for_everyone,
     )  # fmt: skip
     if accelerator.is_main_process:
-        best = {Path(state["best_checkpoint"]).resolve()} if state.get("best_checkpoint") else set()
+        best = {Path(state.best_checkpoint).resolve()} if state.best_checkpoint else set()
         ckpt.prune(run_dir, config.keep_last, best)
 
 
@@ -437,8 +471,7 @@ def _tensorboard(run_dir: Path, start_step: int):
 
 
 def _log(writer, log_file: Path, record: dict) -> None:
-    with open(log_file, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+    runlog.append(log_file, record)
     if writer is not None:
         for key, value in record.items():
             if key != "step":
