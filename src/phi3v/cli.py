@@ -90,7 +90,8 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
     from phi3v.data.check import check_file
 
     processor, note = _check_processor(args)
-    report = check_file(args.data, args.image_root, processor, max_length=args.max_length, workers=args.workers)
+    report = check_file(args.data, args.image_root, processor, max_length=args.max_length, workers=args.workers,
+                        on_overflow=args.on_overflow)  # fmt: skip
     report.tokenizer_note = note
     for problem in report.problems:
         print(problem)
@@ -338,7 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("data", help="the jsonl file")
     check.add_argument("--image-root", required=True, help="folder the image paths are relative to")
     check.add_argument("--num-crops", type=int, default=16, help="num_crops for token counts (default 16)")
-    check.add_argument("--max-length", type=int, default=None, help="count samples longer than this")
+    check.add_argument("--max-length", type=_positive_int, default=None, help="count samples longer than this")
+    check.add_argument("--on-overflow", choices=["error", "truncate", "drop"], default="error",
+                       help="the length policy, as train's on_overflow: error (default) makes each longer sample a "
+                       "problem; truncate one that cannot be cut; drop only counts them")  # fmt: skip
     check.add_argument("--model", default=None, help="checkpoint whose tokenizer counts the text tokens")
     check.add_argument("--preset", choices=["tiny"], default=None, help="count tokens for the tiny preset")
     check.add_argument("--workers", type=int, default=8, help="threads decoding images")

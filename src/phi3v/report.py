@@ -64,6 +64,9 @@ def write_report(run_dir: str | os.PathLike) -> Path:
         "best metric": summary.get("best"),
         "best checkpoint": summary.get("best_checkpoint"),
         "samples dropped for length": summary.get("dropped"),
+        "samples truncated to max_length": summary.get("truncated"),
+        "samples skipped for a bad image": summary.get("bad_images"),
+        "samples with a duplicate id": summary.get("duplicate_ids"),
         "output": summary.get("final"),
     }
     table = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_fmt(v))}</td></tr>" for k, v in rows.items())

@@ -108,17 +108,102 @@ def test_audit_finds_missing_and_unexpected_gradients():
     assert "0.weight" not in message and "1.bias" not in message
 
 
-def test_long_samples_are_dropped_up_front_and_counted(digits, tmp_path, caplog):
-    import logging
+def _data_with(tmp_path, digits, changes: dict[int, dict]):
+    """A copy of the digits training file and images with some records changed: line -> fields to update."""
+    images = tmp_path / "images"
+    shutil.copytree(digits / "images", images)
+    lines = (digits / "digits_train.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    for line, fields in changes.items():
+        records[line - 1].update(fields)
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path, images, records
 
-    with (
-        caplog.at_level(logging.INFO, logger="phi3v"),
-        pytest.raises(TrainingError, match=r"0 samples, fewer than one global batch"),
-    ):
-        train(tiny_config(digits, tmp_path, max_length=10, drop_long_samples=True))
-    assert any("dropped 168 of 168 samples longer than max_length 10" in r.message for r in caplog.records)
-    with pytest.raises(Exception, match=r"digits_train\.jsonl:\d+ \(id train-\d+\): a sample of \d+ tokens cut"):
-        train(tiny_config(digits, tmp_path, max_length=10, output_dir=str(tmp_path / "r2")))
+
+def test_the_length_policy_stops_drops_or_truncates_and_counts(digits, tmp_path):
+    """Three samples with a 300-character answer, longer than max_length 128: on_overflow=error names each with
+    file and line before any step; drop and truncate count them in summary.json, the log and the report."""
+    from phi3v.report import write_report
+
+    original = [json.loads(line) for line in (digits / "digits_train.jsonl").read_text().splitlines()]
+    long = {line: {"conversations": [dict(original[line - 1]["conversations"][0], assistant="7" * 300)]}
+            for line in (2, 5, 9)}  # fmt: skip
+    path, images, records = _data_with(tmp_path, digits, long)
+    settings = dict(train_data=str(path), image_root=str(images), max_steps=2)
+    with pytest.raises(Exception, match=r"3 sample\(s\) of .*train\.jsonl cannot be used") as err:
+        train(tiny_config(digits, tmp_path, output_dir=str(tmp_path / "e"), **settings))
+    for line in (2, 5, 9):
+        assert f"train.jsonl:{line} (id {records[line - 1]['id']}): " in str(err.value)
+    assert "longer than max_length 128 (on_overflow: error" in str(err.value)
+    assert not (tmp_path / "e" / "log.jsonl").exists()
+    for policy, key in (("drop", "dropped"), ("truncate", "truncated")):
+        run = tmp_path / policy
+        summary = train(tiny_config(digits, tmp_path, on_overflow=policy, output_dir=str(run), **settings))
+        other = "truncated" if key == "dropped" else "dropped"
+        assert (summary[key], summary[other]) == (3, 0)
+        assert json.loads((run / "summary.json").read_text())[key] == 3
+        first = json.loads((run / "log.jsonl").read_text().splitlines()[0])
+        assert first["step"] == 0 and (first[key], first[other]) == (3, 0)
+        page = write_report(run).read_text()
+        label = {"dropped": "samples dropped for length", "truncated": "samples truncated to max_length"}[key]
+        assert f"<th>{label}</th><td>3</td>" in page
+
+
+def test_bad_training_images_stop_the_run_up_front_or_are_skipped_and_counted(digits, tmp_path):
+    path, images, records = _data_with(tmp_path, digits, {4: {"conversations": [
+        dict(json.loads((digits / "digits_train.jsonl").read_text().splitlines()[3])["conversations"][0],
+             images=["digits/missing.png"])]}})  # fmt: skip
+    corrupt = images / records[6]["conversations"][0]["images"][0]
+    corrupt.write_bytes(corrupt.read_bytes()[:40])  # a truncated PNG
+    settings = dict(train_data=str(path), image_root=str(images), max_steps=2)
+    with pytest.raises(Exception, match=r"2 sample\(s\) of .*train\.jsonl cannot be used") as err:
+        train(tiny_config(digits, tmp_path, output_dir=str(tmp_path / "e"), **settings))
+    assert f"train.jsonl:4 (id {records[3]['id']}): " in str(err.value) and "missing.png" in str(err.value)
+    assert f"train.jsonl:7 (id {records[6]['id']}): " in str(err.value)
+    assert not (tmp_path / "e" / "log.jsonl").exists()  # stopped before the first step
+    summary = train(tiny_config(digits, tmp_path, skip_bad_images=True, output_dir=str(tmp_path / "s"), **settings))
+    assert summary["bad_images"] == 2 and summary["steps"] == 2
+
+
+def test_duplicate_training_ids_are_warned_about_and_counted(digits, tmp_path, caplog):
+    records = [json.loads(line) for line in (digits / "digits_train.jsonl").read_text().splitlines()]
+    path, images, _ = _data_with(tmp_path, digits, {5: {"id": records[0]["id"]}, 9: {"id": records[1]["id"]}})
+    with caplog.at_level("WARNING", logger="phi3v"):
+        summary = train(tiny_config(digits, tmp_path, train_data=str(path), image_root=str(images), max_steps=1))
+    assert summary["duplicate_ids"] == 2
+    assert f"train.jsonl:5: duplicate id {records[0]['id']!r} (first on line 1)" in caplog.text
+
+
+def test_a_failing_evaluation_keeps_the_trained_weights_and_names_file_and_line(digits, tmp_path, monkeypatch):
+    """A validation image that vanishes during the run (a real file, removed just before the evaluation at step
+    2): the run stops naming the val file and line, step 2's checkpoint is there, and resume=auto finishes."""
+    from phi3v.eval import evaluate as evaluate_module
+
+    images = tmp_path / "images"
+    shutil.copytree(digits / "images", images)
+    val = digits / "digits_val.jsonl"
+    first = json.loads(val.read_text().splitlines()[0])
+    victim = images / first["conversations"][0]["images"][0]
+    real = evaluate_module.evaluate
+
+    def remove_then_evaluate(*args, **kwargs):
+        victim.rename(victim.with_suffix(".gone"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "evaluate", remove_then_evaluate)
+    settings = dict(strategy="lora", image_root=str(images), val_data=str(val), eval_every=2, eval_max_samples=2,
+                    max_steps=3)  # fmt: skip
+    with pytest.raises(TrainingError) as err:
+        train(tiny_config(digits, tmp_path, **settings))
+    message = str(err.value)
+    assert message.startswith("step 2: evaluation on ") and f"digits_val.jsonl:1 (id {first['id']}): " in message
+    assert "the weights of step step-0000002 are kept" in message
+    verify(tmp_path / "run" / "checkpoints" / "step-0000002")
+    monkeypatch.setattr(evaluate_module, "evaluate", real)
+    victim.with_suffix(".gone").rename(victim)
+    summary = train(tiny_config(digits, tmp_path, resume="auto", **settings))
+    assert summary["steps"] == 3 and (tmp_path / "run" / "final" / "adapter_model.safetensors").exists()
 
 
 def test_a_global_batch_without_supervised_tokens_stops_the_run(digits, tmp_path, monkeypatch):

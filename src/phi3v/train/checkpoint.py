@@ -53,10 +53,6 @@ class TrainerState:
     """Optimizer steps done."""
     losses: list[float] = field(default_factory=list)
     """The loss of every step so far."""
-    dropped: int = 0
-    """Training samples dropped for length (``on_overflow: drop``)."""
-    truncated: int = 0
-    """Training samples cut to ``max_length`` (``on_overflow: truncate``)."""
     best: float | None = None
     """The best value of the task's main metric so far."""
     best_checkpoint: str | None = None
@@ -77,7 +73,7 @@ class TrainerState:
         data = _read_json(path)
         if not isinstance(data, dict):
             raise CheckpointError(f"{path}: expected a mapping, got {type(data).__name__}")
-        kinds = {"run": dict, "step": int, "losses": list, "dropped": int, "truncated": int, "best": (int, float),
+        kinds = {"run": dict, "step": int, "losses": list, "best": (int, float),
                  "best_checkpoint": str, "evaluations": list, "scaler": dict, "world_size": int}  # fmt: skip
         optional = {"best", "best_checkpoint", "scaler"}
         problems = [f"{k}: missing" for k in kinds if k not in data]

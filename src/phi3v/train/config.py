@@ -20,6 +20,7 @@ Precision = Literal["bf16", "fp16", "fp32"]
 Attention = Literal["sdpa", "flash_attention_2", "eager"]
 Engine = Literal["auto", "ddp", "deepspeed_zero2", "fsdp2"]
 Schedule = Literal["linear", "cosine", "constant"]
+OnOverflow = Literal["error", "truncate", "drop"]
 
 
 class ConfigError(ValueError):
@@ -52,9 +53,16 @@ class TrainConfig:
     num_crops: int = 16
     """HD crops per image (16 for single documents, 4 for several images or video frames)."""
     max_length: int = 4096
-    """Longest sample in tokens; longer samples fail or are dropped (``drop_long_samples``)."""
-    drop_long_samples: bool = False
-    """Drop (and count) samples that do not fit ``max_length`` instead of stopping with an error."""
+    """Longest sample in tokens; what happens to longer ones is ``on_overflow``."""
+    on_overflow: OnOverflow = "error"
+    """The length policy, for training and validation samples longer than ``max_length``, checked before the first
+    step: ``error`` stops the run naming file, line and id; ``drop`` removes them; ``truncate`` cuts them at
+    ``max_length`` (a cut that would split an image or keep no answer token is an error). Dropped and truncated
+    samples are counted in ``summary.json``, the log and the report. ``phi3v data check --on-overflow`` applies the
+    same policy."""
+    skip_bad_images: bool = False
+    """Remove (and count) samples with a missing or undecodable image instead of stopping the run; every image is
+    decoded once before the first step either way."""
     packing: bool = False
     """Pack each micro-batch's samples into one row without padding (attention stays inside each sample)."""
     uint8_pixels: bool = True

@@ -212,18 +212,25 @@ def train(config: TrainConfig) -> dict:
 
     dataset.processor = processor
     dataset.uint8_pixels = config.uint8_pixels
-    if config.drop_long_samples:
-        dropped = dataset.drop_long()  # up front, so that no batch is left empty and every rank drops the same
-        if main:
-            logger.info("dropped %d of %d samples longer than max_length %d", dropped, dropped + len(dataset),
-                        config.max_length)  # fmt: skip
-
+    # Every sample checked before the first step (images decoded, lengths against the policy), the same on every
+    # rank, so that no batch comes out empty and a bad file stops the run now, not an hour in.
+    screened = dataset.screen(config.on_overflow, config.skip_bad_images, workers=max(1, config.num_workers))
     steps_per_epoch = len(dataset) // config.global_batch_size
     if steps_per_epoch == 0:
         raise TrainingError(f"{config.train_data}: {len(dataset)} samples, fewer than one global batch "
                             f"({config.global_batch_size})")  # fmt: skip
     total_steps = config.max_steps or max(1, int(config.epochs * steps_per_epoch))
-    val = JsonlDataset(config.val_data, config.image_root) if config.val_data else None
+    val, val_screened = None, None
+    if config.val_data:
+        # Validation prompts are never cut (generation needs the whole prompt): under truncate they stay whole.
+        val_length = None if config.on_overflow == "truncate" else config.max_length
+        val = JsonlDataset(config.val_data, config.image_root, processor=processor, max_length=val_length)
+        val_screened = val.screen(config.on_overflow, config.skip_bad_images, workers=max(1, config.num_workers))
+        val.processor = None  # evaluation encodes the prompts itself
+    samples = {"dropped": screened.dropped, "truncated": screened.truncated, "bad_images": screened.bad_images,
+               "duplicate_ids": screened.duplicate_ids}  # fmt: skip
+    if val_screened is not None:
+        samples.update(val_dropped=val_screened.dropped, val_bad_images=val_screened.bad_images)
     task = get_task(config.task)
 
     optimizer, names = make_optimizer(model, config)
@@ -264,6 +271,8 @@ def train(config: TrainConfig) -> dict:
         ckpt.set_rng_state(loaded["rng"], loaded["rng_meta"])  # ... so the saved RNG state goes in after it
     writer = _tensorboard(run_dir, state.step) if main else None
     log_file = run_dir / "log.jsonl"
+    if main and state.step == 0:
+        _log(writer, log_file, {"step": 0, **samples})  # what the length and image policies removed or cut
     progress = _progress(main, state.step, total_steps)
     try:
         micro: list[dict] = []
@@ -273,11 +282,10 @@ def train(config: TrainConfig) -> dict:
             if len(micro) < accumulation:
                 continue
             step = state.step
-            dropped = sum(b["num_dropped"] for b in micro)
             local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
             local_images = sum(0 if b["pixel_values"] is None else b["pixel_values"].shape[0] for b in micro)
-            counts = torch.tensor([local_tokens, dropped, local_images], device=accelerator.device)
-            global_tokens, global_dropped, global_images = (int(v) for v in accelerator.reduce(counts, "sum"))
+            totals = torch.tensor([local_tokens, local_images], device=accelerator.device)
+            global_tokens, global_images = (int(v) for v in accelerator.reduce(totals, "sum"))
             if global_tokens == 0:
                 raise TrainingError(
                     f"step {step + 1}: the global batch has no supervised token (empty or cut answers?)"
@@ -317,34 +325,45 @@ def train(config: TrainConfig) -> dict:
                 state.scaler = accelerator.scaler.state_dict()
             state.step = step + 1
             state.losses.append(loss)
-            state.dropped += global_dropped
             micro = []
             samples_done += config.global_batch_size
             last = state.step == total_steps
             if main and (state.step % config.log_every == 0 or last):
                 rate = samples_done / (time.perf_counter() - tick)
-                record = {"step": state.step, "loss": loss, "lr": lr, "samples_per_s": rate,
-                          "dropped": state.dropped}  # fmt: skip
+                record = {"step": state.step, "loss": loss, "lr": lr, "samples_per_s": rate}
                 _log(writer, log_file, record)
             if progress:
                 progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
                 progress.update(1)
             evaluate_now = val is not None and ((config.eval_every and state.step % config.eval_every == 0) or last)
-            improved = evaluate_now and _evaluate(
-                unwrapped, processor, val, task, config, state, writer, log_file, main
-            )
-            if improved or last or (config.save_every and state.step % config.save_every == 0):
-                _save(accelerator, model, unwrapped, optimizer, names, scheduler, state, config, run_dir)
+            save = partial(_save, accelerator, model, unwrapped, optimizer, names, scheduler, state, config, run_dir)
+            scheduled = last or (config.save_every and state.step % config.save_every == 0)
+            if scheduled:
+                save()  # before evaluating: a failing evaluation never costs the trained weights
+            if evaluate_now:
+                try:
+                    improved = _evaluate(unwrapped, processor, val, task, config, state, writer, log_file, main)
+                except Exception as err:
+                    if not scheduled and world == 1:  # (several ranks cannot save: the others wait in evaluation)
+                        save()
+                    kept = ckpt.list_checkpoints(run_dir)
+                    where = f"the weights of step {kept[0].name} are kept" if kept else "no checkpoint was written"
+                    raise TrainingError(
+                        f"step {state.step}: evaluation on {config.val_data} failed: {err}; {where} (fix the "
+                        "validation data and rerun with resume=auto to continue and write final/)"
+                    ) from err
+                if improved:
+                    save()  # (again) with the new best recorded, so that pruning keeps it
     finally:
         if progress:
             progress.close()
         if writer:
             writer.close()
-    return _finish(accelerator, model, unwrapped, processor, config, run_dir, state, main)
+    return _finish(accelerator, model, unwrapped, processor, config, run_dir, state, main, samples)
 
 
-def _finish(accelerator, model, unwrapped, processor, config, run_dir, state, main) -> dict:
-    summary = {"steps": state.step, "losses": state.losses, "dropped": state.dropped}
+def _finish(accelerator, model, unwrapped, processor, config, run_dir, state, main, samples) -> dict:
+    summary = {"steps": state.step, "losses": state.losses, **samples}
     final = run_dir / "final"
     # Gathering a sharded model is collective: every rank takes part, the main one writes.
     # (LoRA adapters are whole on every process, except under FSDP2, which shards them like the rest.)
@@ -362,7 +381,7 @@ def _run_identity(config: TrainConfig) -> dict:
     """The settings a checkpoint is only valid for: a resume with other values is refused."""
     keys = ("model", "train_data", "strategy", "seed", "global_batch_size", "max_steps", "epochs", "lr",
             "schedule", "warmup_steps", "weight_decay", "lora_rank", "lora_alpha", "lora_targets", "lora_vision",
-            "precision", "num_crops", "max_length", "drop_long_samples")  # fmt: skip
+            "precision", "num_crops", "max_length", "on_overflow", "skip_bad_images")  # fmt: skip
     return {k: v for k, v in config.to_dict().items() if k in keys}
 
 
