@@ -377,6 +377,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, TrainingError, ExportError) as err:  # named errors
         print(f"phi3v: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: checkpoints are written whole or not at all, so one line says it all
+        print("phi3v: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

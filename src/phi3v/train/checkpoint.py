@@ -273,7 +273,25 @@ def save_checkpoint(
         if staging.exists():
             shutil.rmtree(staging)
         staging.mkdir(parents=True)
+    try:
+        barrier()
+        _write_pieces(staging, state, scheduler, trainer_state, rank, world_size)
+        barrier()
+        if rank == 0:
+            write_manifest(staging)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staging, final)
+    except BaseException:  # Ctrl-C or a failed write: no half-written folder stays behind
+        if rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     barrier()
+    return final
+
+
+def _write_pieces(staging: Path, state: dict[str, Any], scheduler: Any, trainer_state: TrainerState, rank: int,
+                  world_size: int) -> None:  # fmt: skip
     tensors, meta = rng_state()
     save_file(tensors, staging / f"rng-rank{rank}.safetensors")
     atomic_write_text(staging / f"rng-rank{rank}.json", json.dumps(meta))
@@ -291,14 +309,6 @@ def save_checkpoint(
         atomic_write_text(staging / "scheduler.json", json.dumps(scheduler.state_dict()))
         saved = dataclasses.replace(trainer_state, world_size=world_size)
         atomic_write_text(staging / "trainer_state.json", json.dumps(saved.to_dict()))
-    barrier()
-    if rank == 0:
-        write_manifest(staging)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-    barrier()
-    return final
 
 
 def load_checkpoint(folder: Path, rank: int) -> dict:
@@ -332,6 +342,13 @@ def prune(run_dir: str | os.PathLike, keep_last: int, keep: set[Path]) -> None:
     for folder in list_checkpoints(run_dir)[keep_last:]:
         if folder.resolve() not in keep:
             shutil.rmtree(folder)
+
+
+def remove_staging(run_dir: str | os.PathLike) -> None:
+    """Delete ``.tmp-step-*`` folders a killed save left behind (never a checkpoint: those are renamed in whole)."""
+    root = Path(run_dir) / "checkpoints"
+    for folder in root.glob(".tmp-step-*") if root.is_dir() else []:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def set_aside_newer(run_dir: str | os.PathLike, step: int) -> None:

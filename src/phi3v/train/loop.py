@@ -396,6 +396,7 @@ def _claim_run_dir(config: TrainConfig, run_dir: Path, resume_from: Path | None)
     files are deleted). ``resume=auto`` without a usable checkpoint starts afresh: the old log is emptied and any
     damaged checkpoints are set aside, so they are neither pruned as "newer" nor mixed into this run's log.
     """
+    ckpt.remove_staging(run_dir)
     found = [name for name in RUN_FILES if (run_dir / name).exists()]
     if config.overwrite:
         for name in [*found, "tensorboard"]:
