@@ -21,6 +21,46 @@ Attention = Literal["sdpa", "flash_attention_2", "eager"]
 Engine = Literal["auto", "ddp", "deepspeed_zero2", "fsdp2"]
 Schedule = Literal["linear", "cosine", "constant"]
 OnOverflow = Literal["error", "truncate", "drop"]
+Training = Literal["frozen", "lora", "full"]
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """How each component trains (``frozen``, ``lora`` adapters on a frozen base, or ``full``), and whether the
+    frozen base is quantised to 4-bit NF4. Components: see ``phi3v.train.strategy``."""
+
+    vision: Training
+    projector: Training
+    language: Training
+    quantize_base: bool = False
+
+    @property
+    def adapters(self) -> bool:
+        """Some component trains LoRA adapters."""
+        return "lora" in (self.vision, self.projector, self.language)
+
+    def problems(self) -> list[str]:
+        modes = (self.vision, self.projector, self.language)
+        found = [f"{k}={v!r}: choose frozen, lora or full" for k, v in vars(self).items()
+                 if k != "quantize_base" and v not in get_args(Training)]  # fmt: skip
+        if not found and "lora" in modes and "full" in modes:
+            found.append("components mix lora and full training: the adapter file would not hold the fully trained "
+                         "weights; train every component as lora/frozen, or as full/frozen")  # fmt: skip
+        if not found and self.quantize_base and "full" in modes:
+            found.append("quantize_base with a fully trained component: 4-bit weights cannot be trained")
+        if not found and all(m == "frozen" for m in modes):
+            found.append("every component is frozen: nothing would train")
+        return found
+
+
+STRATEGIES: dict[str, StrategySpec] = {
+    "full": StrategySpec(vision="full", projector="full", language="full"),
+    "frozen_vision": StrategySpec(vision="frozen", projector="full", language="full"),
+    "lora": StrategySpec(vision="lora", projector="lora", language="lora"),
+    "qlora": StrategySpec(vision="lora", projector="lora", language="lora", quantize_base=True),
+}
+"""The named strategies are presets; the ``vision``, ``projector``, ``language`` and ``quantize_base`` settings
+override a preset's entries (the reference recipe's LoRA adapts CLIP and the projector too)."""
 
 
 class ConfigError(ValueError):
@@ -43,7 +83,8 @@ class TrainConfig:
     task: str = "generic"
     """Task name (``phi3v.tasks``): its metric scores evaluation."""
     strategy: Strategy = "lora"
-    """``full``, ``frozen_vision``, ``lora`` or ``qlora`` (4-bit NF4 base + LoRA)."""
+    """A preset of the per-component settings below (``STRATEGIES``): ``full``, ``frozen_vision``, ``lora`` or
+    ``qlora`` (4-bit NF4 base + LoRA)."""
 
     # --- numerics and shapes
     precision: Precision = "bf16"
@@ -112,8 +153,15 @@ class TrainConfig:
         default_factory=lambda: ["qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head"]
     )
     """Language-model modules that get adapters."""
-    lora_vision: bool = True
-    """Also adapt the CLIP tower (q/k/v/out_proj, fc1, fc2) and the projector, as the reference recipe does."""
+    vision: Training | None = None
+    """How the CLIP tower trains: ``frozen``, ``lora`` (adapters on q/k/v/out_proj, fc1, fc2) or ``full``;
+    unset: as ``strategy`` says."""
+    projector: Training | None = None
+    """How the projector and separators train (``lora``: adapters on its two linear layers); unset: the preset's."""
+    language: Training | None = None
+    """How the language model trains (``lora``: adapters on ``lora_targets``); unset: the preset's."""
+    quantize_base: bool | None = None
+    """Quantise the frozen base to 4-bit NF4 (QLoRA; needs bitsandbytes); unset: the preset's."""
 
     # --- run
     engine: Engine = "auto"
@@ -142,8 +190,11 @@ class TrainConfig:
     """Data-loading worker processes per device."""
 
     @property
-    def lora(self) -> bool:
-        return self.strategy in ("lora", "qlora")
+    def spec(self) -> StrategySpec:
+        """The preset named by ``strategy`` with this config's per-component settings applied."""
+        preset = STRATEGIES.get(self.strategy, STRATEGIES["full"])
+        changes = {k: getattr(self, k) for k in ("vision", "projector", "language", "quantize_base")}
+        return dataclasses.replace(preset, **{k: v for k, v in changes.items() if v is not None})
 
     @property
     def resolved_engine(self) -> str:
@@ -154,7 +205,7 @@ class TrainConfig:
         import torch
 
         several_gpus = torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-        return "deepspeed_zero2" if several_gpus and not self.lora else "ddp"
+        return "deepspeed_zero2" if several_gpus and not self.spec.adapters else "ddp"
 
     def validate(self, world_size: int = 1) -> None:
         """Raise ``ConfigError`` listing every problem."""
@@ -216,8 +267,9 @@ class TrainConfig:
             )
         if self.precision == "fp16" and self.attention == "flash_attention_2":
             problems.append("precision=fp16 with attention=flash_attention_2: flash attention needs bf16 (or use sdpa)")
-        if self.strategy == "qlora" and self.resolved_engine != "ddp":
-            problems.append(f"strategy=qlora runs on ddp only, not engine={self.engine}")
+        problems += self.spec.problems()
+        if self.spec.quantize_base and self.resolved_engine != "ddp":
+            problems.append(f"a quantised base (strategy={self.strategy}) runs on ddp only, not engine={self.engine}")
         from phi3v.tasks import TASKS
 
         if self.task not in TASKS:

@@ -85,7 +85,7 @@ def seed_everything(seed: int) -> None:
 def load_model_and_processor(config: TrainConfig) -> tuple[Phi3VForCausalLM, Phi3VProcessor]:
     """The base model (fp32 master weights for full training; bf16/fp16 base for LoRA) and its processor."""
     base_dtype = torch.float32
-    if config.lora and config.precision != "fp32":
+    if config.spec.adapters and config.precision != "fp32":  # a frozen base needs no fp32 master weights
         base_dtype = torch.bfloat16 if config.precision == "bf16" else torch.float16
     if config.model == "tiny":
         model = build_model("tiny", dtype=base_dtype, attn_implementation=config.attention, seed=config.seed)
@@ -367,7 +367,7 @@ def _finish(accelerator, model, unwrapped, processor, config, run_dir, state, ma
     final = run_dir / "final"
     # Gathering a sharded model is collective: every rank takes part, the main one writes.
     # (LoRA adapters are whole on every process, except under FSDP2, which shards them like the rest.)
-    full_state = accelerator.get_state_dict(model) if accelerator.is_fsdp2 or not config.lora else None
+    full_state = accelerator.get_state_dict(model) if accelerator.is_fsdp2 or not config.spec.adapters else None
     if main:
         _final_save(unwrapped, processor, config, final, full_state)
         summary.update(final=str(final), best=state.best, best_checkpoint=state.best_checkpoint)
@@ -380,8 +380,9 @@ def _finish(accelerator, model, unwrapped, processor, config, run_dir, state, ma
 def _run_identity(config: TrainConfig) -> dict:
     """The settings a checkpoint is only valid for: a resume with other values is refused."""
     keys = ("model", "train_data", "strategy", "seed", "global_batch_size", "max_steps", "epochs", "lr",
-            "schedule", "warmup_steps", "weight_decay", "lora_rank", "lora_alpha", "lora_targets", "lora_vision",
-            "precision", "num_crops", "max_length", "on_overflow", "skip_bad_images")  # fmt: skip
+            "schedule", "warmup_steps", "weight_decay", "lora_rank", "lora_alpha", "lora_targets", "vision",
+            "projector", "language", "quantize_base", "precision", "num_crops", "max_length", "on_overflow",
+            "skip_bad_images")  # fmt: skip
     return {k: v for k, v in config.to_dict().items() if k in keys}
 
 
@@ -461,7 +462,7 @@ def _save(accelerator, model, unwrapped, optimizer, names, scheduler, state, con
 
 
 def _final_save(unwrapped, processor, config, final: Path, full_state) -> None:
-    if config.lora:
+    if config.spec.adapters:
         # PEFT adapter (adapter_model.safetensors + adapter_config.json); the vocabulary is unchanged, so the
         # output head an lm_head adapter sits on is not copied into the adapter file
         unwrapped.save_pretrained(final, state_dict=full_state, save_embedding_layers=False)
@@ -470,7 +471,7 @@ def _final_save(unwrapped, processor, config, final: Path, full_state) -> None:
     else:
         unwrapped.save_pretrained(final, state_dict=full_state)
     processor.save_pretrained(final)
-    logger.info("saved the %s to %s", "adapter" if config.lora else "model", final)
+    logger.info("saved the %s to %s", "adapter" if config.spec.adapters else "model", final)
 
 
 def _save_preset_base(config: TrainConfig, directory: Path) -> None:
