@@ -109,7 +109,7 @@ def run_bench(
     dtype_ = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
               "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]  # fmt: skip
     config = TrainConfig(strategy=strategy, precision="fp32", lora_rank=16, lora_alpha=32)
-    model = build_model(preset, device=device, dtype=dtype_ if config.lora else None)
+    model = build_model(preset, device=device, dtype=dtype_ if config.spec.adapters else None)
     model = apply_strategy(model, config)
     base = without_adapters(model)
     if reference:

@@ -91,7 +91,8 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
     from phi3v.data.check import check_file
 
     processor, note = _check_processor(args)
-    report = check_file(args.data, args.image_root, processor, max_length=args.max_length, workers=args.workers)
+    report = check_file(args.data, args.image_root, processor, max_length=args.max_length, workers=args.workers,
+                        on_overflow=args.on_overflow)  # fmt: skip
     report.tokenizer_note = note
     for problem in report.problems:
         print(problem)
@@ -172,7 +173,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from phi3v.eval.inference import generate
+    from phi3v.eval.generate import generate
     from phi3v.processing import load_image
 
     model, processor = _model_and_processor(args)
@@ -234,13 +235,24 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _inference_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model directory (official format) or hub id")
     parser.add_argument("--adapter", default=None, help="PEFT adapter directory (from phi3v train)")
     parser.add_argument("--num-crops", type=int, default=None, help="override the processor's num_crops")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default cpu)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=_positive_int, default=64)
     parser.add_argument("--force", action="store_true", help="apply an adapter to a base other than its recorded one")
 
 
@@ -283,8 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--image-root", required=True)
     ev.add_argument("--task", required=True)
     ev.add_argument("--out", default="eval", help="folder for predictions.jsonl and metrics.json")
-    ev.add_argument("--batch-size", type=int, default=8)
-    ev.add_argument("--max-samples", type=int, default=None)
+    ev.add_argument("--batch-size", type=_positive_int, default=8)
+    ev.add_argument("--max-samples", type=_positive_int, default=None)
     ev.add_argument("--label-set", action="store_true", help="score each label by log-likelihood instead of generating")
     ev.add_argument("--labels", default=None, help="comma-separated label set (default: the task's)")
     ev.set_defaults(func=_cmd_eval)
@@ -331,7 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("data", help="the jsonl file")
     check.add_argument("--image-root", required=True, help="folder the image paths are relative to")
     check.add_argument("--num-crops", type=int, default=16, help="num_crops for token counts (default 16)")
-    check.add_argument("--max-length", type=int, default=None, help="count samples longer than this")
+    check.add_argument("--max-length", type=_positive_int, default=None, help="count samples longer than this")
+    check.add_argument("--on-overflow", choices=["error", "truncate", "drop"], default="error",
+                       help="the length policy, as train's on_overflow: error (default) makes each longer sample a "
+                       "problem; truncate one that cannot be cut; drop only counts them")  # fmt: skip
     check.add_argument("--model", default=None, help="checkpoint whose tokenizer counts the text tokens")
     check.add_argument("--preset", choices=["tiny"], default=None, help="count tokens for the tiny preset")
     check.add_argument("--workers", type=int, default=8, help="threads decoding images")
@@ -373,6 +388,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, TrainingError, ExportError) as err:  # named errors
         print(f"phi3v: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: checkpoints are written whole or not at all, so one line says it all
+        print("phi3v: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

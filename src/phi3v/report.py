@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+from phi3v.train.runlog import read_log
 from phi3v.utils import atomic_write, atomic_write_text
 
 
@@ -14,7 +15,7 @@ def _read_log(run_dir: Path) -> list[dict]:
     path = run_dir / "log.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path}: not found; is {run_dir} a phi3v training run?")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_log(path)
 
 
 def _plot(records: list[dict], keys: list[str], title: str, path: Path) -> Path | None:
@@ -63,6 +64,9 @@ def write_report(run_dir: str | os.PathLike) -> Path:
         "best metric": summary.get("best"),
         "best checkpoint": summary.get("best_checkpoint"),
         "samples dropped for length": summary.get("dropped"),
+        "samples truncated to max_length": summary.get("truncated"),
+        "samples skipped for a bad image": summary.get("bad_images"),
+        "samples with a duplicate id": summary.get("duplicate_ids"),
         "output": summary.get("final"),
     }
     table = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_fmt(v))}</td></tr>" for k, v in rows.items())

@@ -65,7 +65,8 @@ EXPECTED = {
 
 def test_every_defect_is_reported_at_its_line(data):
     path, root = data
-    report = check_file(path, root, Phi3VProcessor.tiny(num_crops=4), max_length=60, progress=False)
+    report = check_file(path, root, Phi3VProcessor.tiny(num_crops=4), max_length=60, progress=False,
+                        on_overflow="drop")  # fmt: skip
     by_line = {}
     for problem in report.problems:
         location, message = problem.split(": ", 1)
@@ -80,7 +81,8 @@ def test_every_defect_is_reported_at_its_line(data):
 
 def test_cli_exits_non_zero_and_prints_statistics(data, capsys):
     path, root = data
-    assert main(["data", "check", str(path), "--image-root", str(root), "--preset", "tiny", "--max-length", "60"]) == 1
+    assert main(["data", "check", str(path), "--image-root", str(root), "--preset", "tiny", "--max-length", "60",
+                 "--on-overflow", "drop"]) == 1  # fmt: skip
     out = capsys.readouterr().out
     assert f"{path}:6: " in out and "2 valid sample(s), 11 problem(s)" in out and "tokens per sample" in out
 
@@ -139,3 +141,21 @@ def test_dataset_names_the_line_of_a_missing_image(tmp_path):
     path.write_text(json.dumps(_record("x", ["gone.png"])) + "\n")
     with pytest.raises(DataError, match=rf"{path}:1 \(id x\): .*gone\.png: image file not found"):
         JsonlDataset(path, tmp_path)[0]
+
+
+def test_data_check_applies_train_s_length_policy(data, tmp_path, capsys):
+    """The same on_overflow as train: error makes a long sample a problem at its line; drop and truncate count it."""
+    _, root = data
+    path = tmp_path / "long.jsonl"
+    path.write_text(json.dumps(_record("x")) + "\n" + json.dumps(_record("y", assistant="a long answer " * 20)) + "\n")
+    args = ["data", "check", str(path), "--image-root", str(root), "--preset", "tiny", "--max-length", "150"]
+    assert main(args) == 1
+    out = capsys.readouterr().out
+    assert f"{path}:2: " in out and "longer than max_length 150 (on_overflow: error" in out
+    assert "1 problem(s)" in out and "longer than max_length 150: 1 (on_overflow: error, each stops a run)" in out
+    assert main([*args, "--on-overflow", "drop"]) == 0
+    assert "longer than max_length 150: 1 (on_overflow: drop, dropped)" in capsys.readouterr().out
+    assert main([*args, "--on-overflow", "truncate"]) == 0  # cut inside the answer: allowed
+    assert "longer than max_length 150: 1 (on_overflow: truncate, truncated)" in capsys.readouterr().out
+    assert main([*args[:-1], "5", "--on-overflow", "truncate"]) == 1  # a cut through the image is not
+    assert f"{path}:1: a sample of" in capsys.readouterr().out

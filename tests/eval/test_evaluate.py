@@ -6,8 +6,9 @@ from PIL import Image
 
 from phi3v.cli import main
 from phi3v.data.dataset import JsonlDataset
-from phi3v.eval.evaluate import evaluate, generate_answers, write_evaluation
-from phi3v.eval.inference import label_scores, load_for_inference
+from phi3v.eval.evaluate import evaluate, write_evaluation
+from phi3v.eval.generate import generate_answers, label_scores
+from phi3v.eval.inference import load_for_inference
 from phi3v.tasks import get_task
 
 
@@ -72,16 +73,43 @@ def test_eval_and_generate_commands(lora_run, digits, tmp_path, capsys):
     assert "error" in capsys.readouterr().err
 
 
-def test_eval_spreads_over_ranks_under_torchrun(lora_run, digits, tmp_path):
+def test_eval_spreads_over_ranks_under_torchrun_and_keeps_duplicate_ids(lora_run, digits, tmp_path):
+    """Two ranks give the one-rank predictions, in order, also when records share an id (here six different
+    samples, all with the id ``same``: a gather keyed by id would keep one of them six times)."""
     import subprocess
     import sys
 
+    records = [json.loads(line) for line in (digits / "digits_val.jsonl").read_text().splitlines()[:6]]
+    doubled = tmp_path / "doubled.jsonl"
+    doubled.write_text("".join(json.dumps({**r, "id": "same"}) + "\n" for r in records))
     args = ["--model", str(lora_run / "final" / "base"), "--adapter", str(lora_run / "final"),
-            "--data", str(digits / "digits_val.jsonl"), "--image-root", str(digits / "images"), "--task", "digits",
-            "--max-samples", "6", "--max-new-tokens", "4"]  # fmt: skip
+            "--data", str(doubled), "--image-root", str(digits / "images"), "--task", "digits",
+            "--max-new-tokens", "4"]  # fmt: skip
     subprocess.run([sys.executable, "-m", "phi3v", "eval", *args, "--out", str(tmp_path / "one")], check=True,
                    capture_output=True)  # fmt: skip
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "phi3v", "eval", *args,
-                    "--out", str(tmp_path / "two")], check=True, capture_output=True)  # fmt: skip
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                    "phi3v", "eval", *args, "--out", str(tmp_path / "two")],
+                   check=True, capture_output=True)  # fmt: skip
     one = (tmp_path / "one" / "predictions.jsonl").read_text()
-    assert one == (tmp_path / "two" / "predictions.jsonl").read_text() and len(one.splitlines()) == 6
+    assert one == (tmp_path / "two" / "predictions.jsonl").read_text()
+    references = [json.loads(line)["references"] for line in one.splitlines()]
+    assert references == [r["references"] for r in records]
+    assert len(set(map(str, references))) > 1  # the samples differ, so a collapsed gather would show
+    assert (tmp_path / "one" / "metrics.json").read_text() == (tmp_path / "two" / "metrics.json").read_text()
+
+
+def test_eval_modules_import_along_the_data_flow():
+    """generate.py answers; evaluate.py scores what it answers; inference.py loads. None imports back up."""
+    import ast
+    from pathlib import Path
+
+    import phi3v.eval
+
+    def imports(name):
+        tree = ast.parse((Path(phi3v.eval.__file__).parent / f"{name}.py").read_text())
+        found = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        return {m.rsplit(".", 1)[-1] for m in found if m.startswith("phi3v.eval")}
+
+    assert imports("generate") == set()
+    assert imports("inference") == set()
+    assert imports("evaluate") == {"generate"}

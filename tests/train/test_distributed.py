@@ -161,3 +161,30 @@ def test_sigkill_then_resume_continues_exactly(digits, tmp_path):
     assert want.keys() == got.keys()
     for key in want:
         assert (want[key] == got[key]).all(), key
+
+
+def test_ctrl_c_ends_with_one_line_and_no_torn_checkpoint(digits, tmp_path):
+    """SIGINT (Ctrl-C) sent while a checkpoint is being assembled: one line on stderr, exit 130, no ``.tmp-step-*``
+    folder left, every finished checkpoint verifies, and resume=auto continues."""
+    from phi3v.train.checkpoint import list_checkpoints, verify
+
+    run = tmp_path / "run"
+    config = _write_config(tiny_config(digits, tmp_path, strategy="full", max_steps=20, save_every=1, keep_last=2,
+                                       resume="auto"), tmp_path / "c.yaml")  # fmt: skip
+    process = subprocess.Popen([sys.executable, "-m", "phi3v", "train", str(config)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 300
+    staging = run / "checkpoints" / ".tmp-step-0000003"
+    while process.poll() is None and not staging.exists() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert process.poll() is None, "the run ended before it could be interrupted"
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-2000:]
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("train:")]
+    assert lines[-1] == "phi3v: interrupted" and "Traceback" not in err, err[-2000:]
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+    for folder in list_checkpoints(run):
+        verify(folder)
+    _run([sys.executable, "-m", "phi3v", "train", str(config)])
+    assert len(_losses(run)) == 20

@@ -21,7 +21,7 @@ from phi3v.data.paths import PathEscapeError, resolve_inside
 from phi3v.data.schema import Record, parse_record
 from phi3v.processing.chat import render
 from phi3v.processing.image import ImageError, load_image
-from phi3v.processing.processor import Phi3VProcessor
+from phi3v.processing.processor import Phi3VProcessor, _truncation_problem
 
 
 @dataclass
@@ -34,6 +34,7 @@ class CheckReport:
     images_per_sample: Counter = field(default_factory=Counter)
     token_lengths: list[int] = field(default_factory=list)
     max_length: int | None = None
+    on_overflow: str = "error"
     tokenizer_note: str = ""
 
     @property
@@ -59,7 +60,9 @@ class CheckReport:
                 f"p95 {p95}, max {lengths[-1]}{self.tokenizer_note}"
             )
             if self.max_length is not None:
-                lines.append(f"  longer than max_length {self.max_length}: {self.truncated}")
+                fate = {"error": "each stops a run", "drop": "dropped", "truncate": "truncated"}[self.on_overflow]
+                lines.append(f"  longer than max_length {self.max_length}: {self.truncated} "
+                             f"(on_overflow: {self.on_overflow}, {fate})")  # fmt: skip
         return "\n".join(lines)
 
 
@@ -70,6 +73,7 @@ def check_file(
     max_length: int | None = None,
     workers: int = 8,
     progress: bool = True,
+    on_overflow: str = "error",
 ) -> CheckReport:
     """Check a jsonl file and its images.
 
@@ -78,11 +82,13 @@ def check_file(
         image_root: Folder the image paths are relative to.
         processor: Gives the token counts (its tokenizer and ``num_crops``).
         max_length: Count the samples longer than this.
+        on_overflow: The length policy as ``train`` applies it (``JsonlDataset.screen``): under ``error`` each
+            longer sample is a problem; under ``truncate`` one that cannot be cut is; ``drop`` only counts them.
         workers: Threads decoding images.
         progress: Show a progress bar.
     """
     path, image_root = Path(path), Path(image_root)
-    report = CheckReport(path, max_length=max_length)
+    report = CheckReport(path, max_length=max_length, on_overflow=on_overflow)
     if not path.is_file():
         report.problems.append(f"{path}: not a file")
         return report
@@ -148,7 +154,14 @@ def check_file(
             report.problems += [f"{path}:{record.line}: {message}" for _, message in bad]
             continue
         counts = [processor.image_processor.num_image_tokens(*sizes[p]) for p in record.image_paths]
-        length = len(render(record.conversation(), tokenize, counts, processor.image_token_id).input_ids)
+        rendered = render(record.conversation(), tokenize, counts, processor.image_token_id)
+        length = len(rendered.input_ids)
+        if max_length is not None and length > max_length:
+            if on_overflow == "error":
+                report.problems.append(f"{path}:{record.line}: {length} tokens, longer than max_length {max_length} "
+                                       "(on_overflow: error; or choose drop or truncate)")  # fmt: skip
+            elif on_overflow == "truncate" and (cut := _truncation_problem(rendered, max_length, generation=False)):
+                report.problems.append(f"{path}:{record.line}: {cut}")
         report.samples += 1
         report.images_per_sample[len(record.image_paths)] += 1
         report.token_lengths.append(length)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -14,7 +16,26 @@ from phi3v.data.paths import PathEscapeError, resolve_inside
 from phi3v.data.schema import Record, parse_record
 from phi3v.processing.chat import Conversation
 from phi3v.processing.image import ImageError, load_image
-from phi3v.processing.processor import Phi3VProcessor, Sample
+from phi3v.processing.processor import Phi3VProcessor, Sample, _truncation_problem
+
+logger = logging.getLogger("phi3v")
+OnOverflow = Literal["error", "truncate", "drop"]
+"""What happens to a sample longer than ``max_length``; the one length policy of ``data check``, ``train`` and
+``eval`` (see ``JsonlDataset.screen``)."""
+
+
+@dataclass
+class Screening:
+    """What ``JsonlDataset.screen`` removed or will cut."""
+
+    dropped: int = 0
+    """Samples longer than ``max_length``, removed (``on_overflow: drop``)."""
+    truncated: int = 0
+    """Samples longer than ``max_length``, kept to be cut at it (``on_overflow: truncate``)."""
+    bad_images: int = 0
+    """Samples with a missing or undecodable image, removed (``skip_bad_images``)."""
+    duplicate_ids: int = 0
+    """Samples whose id an earlier line already had (kept: they train, but ``data check`` flags them)."""
 
 
 class DataError(ValueError):
@@ -75,9 +96,7 @@ class JsonlDataset(Dataset):
         path: The jsonl file.
         image_root: Folder the image paths are relative to.
         processor: When given, items are encoded ``Sample``\\ s; otherwise ``Conversation``\\ s with PIL images.
-        max_length: Passed to ``Phi3VProcessor.encode``.
-        on_overflow: ``"error"`` or ``"drop"`` for samples longer than ``max_length`` (dropped items are ``None``,
-            which the collator counts).
+        max_length: Samples are cut at it (``screen`` decides up front which may be: see ``on_overflow`` there).
         system: Optional system message for every conversation.
         uint8_pixels: Encode crops as uint8 for ``Phi3VImageProcessor.finish`` on the device (training).
     """
@@ -88,7 +107,6 @@ class JsonlDataset(Dataset):
         image_root: str | os.PathLike,
         processor: Phi3VProcessor | None = None,
         max_length: int | None = None,
-        on_overflow: Literal["error", "drop"] = "error",
         system: str | None = None,
         uint8_pixels: bool = False,
     ):
@@ -96,7 +114,6 @@ class JsonlDataset(Dataset):
         self.image_root = Path(image_root)
         self.processor = processor
         self.max_length = max_length
-        self.on_overflow = on_overflow
         self.system = system
         self.uint8_pixels = uint8_pixels
         self.records = read_records(self.path)
@@ -118,31 +135,91 @@ class JsonlDataset(Dataset):
             raise ImageError(f"{self.image_root / relative}: cannot read image ({err})") from err
         return width, height
 
-    def drop_long(self) -> int:
-        """Remove the samples longer than ``max_length`` (counted from image headers and the tokenizer, without
-        decoding pixels); returns how many were removed. Needs a processor."""
-        if self.processor is None or self.max_length is None:
-            return 0
-        kept = []
-        for record in self.records:
-            conversation = record.conversation()
-            sizes = [self.image_size(p) for p in record.image_paths]
+    def screen(self, on_overflow: OnOverflow = "error", skip_bad_images: bool = False, workers: int = 4) -> Screening:
+        """Check every sample up front, before any step: images decoded (in threads, each distinct path once), token
+        lengths against ``max_length`` (needs a processor), the length policy applied. Removes what is dropped or
+        skipped, so that every rank keeps the same samples and no batch comes out empty.
+
+        Args:
+            on_overflow: A sample longer than ``max_length``: ``error`` stops with its file and line, ``drop``
+                removes it, ``truncate`` keeps it to be cut at ``max_length`` (when the cut would split an image or
+                keep no answer token, that is an error too).
+            skip_bad_images: Remove a sample with a missing or undecodable image instead of stopping.
+            workers: Threads decoding images.
+
+        Returns:
+            What was removed or will be cut, counted.
+
+        Raises:
+            DataError: listing every sample that stops the run (``file:line (id): problem``).
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        def inspect(relative: str) -> tuple[str, tuple[int, int] | str]:
             try:
-                rendered = self.processor.render(conversation, image_sizes=sizes)
-            except ValueError as err:
-                raise DataError(f"{self.path}:{record.line} (id {record.id}): {err}") from err
-            if len(rendered.input_ids) <= self.max_length:
-                kept.append(record)
-        dropped = len(self.records) - len(kept)
+                return relative, self._open(relative).size
+            except (ValueError, OSError) as err:  # ImageError, a NUL byte in the path
+                return relative, str(err)
+
+        distinct = sorted({p for r in self.records for p in r.image_paths})
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            sizes = dict(pool.map(inspect, distinct))
+        result, kept, problems = Screening(), [], []
+        seen: dict[str, int] = {}
+        for record in self.records:
+            if record.id in seen:
+                result.duplicate_ids += 1
+                if result.duplicate_ids == 1:
+                    logger.warning("%s:%d: duplicate id %r (first on line %d); `phi3v data check` lists them all",
+                                   self.path, record.line, record.id, seen[record.id])  # fmt: skip
+            seen.setdefault(record.id, record.line)
+        for record in self.records:
+            where = f"{self.path}:{record.line} (id {record.id})"
+            bad = [sizes[p] for p in record.image_paths if isinstance(sizes[p], str)]
+            if bad:
+                if not skip_bad_images:
+                    problems.append(f"{where}: {bad[0]}")
+                    continue
+                result.bad_images += 1
+                continue
+            if self.processor is not None and self.max_length is not None:
+                try:
+                    rendered = self.processor.render(
+                        record.conversation(), image_sizes=[sizes[p] for p in record.image_paths]
+                    )
+                except ValueError as err:
+                    problems.append(f"{where}: {err}")
+                    continue
+                length = len(rendered.input_ids)
+                if length > self.max_length:
+                    if on_overflow == "drop":
+                        result.dropped += 1
+                        continue
+                    if on_overflow == "error":
+                        problems.append(f"{where}: {length} tokens, longer than max_length {self.max_length} "
+                                        "(on_overflow: error; or choose drop or truncate)")  # fmt: skip
+                        continue
+                    cut = _truncation_problem(rendered, self.max_length, generation=False)
+                    if cut:
+                        problems.append(f"{where}: {cut}")
+                        continue
+                    result.truncated += 1
+            kept.append(record)
+        if problems:
+            shown = "\n".join(problems[:20]) + (f"\n... {len(problems) - 20} more" if len(problems) > 20 else "")
+            raise DataError(f"{len(problems)} sample(s) of {self.path} cannot be used:\n{shown}")
         self.records = kept
-        return dropped
+        return result
 
     def conversation(self, index: int) -> Conversation:
         """The conversation of item ``index`` with its images opened."""
         record = self.records[index]
         conversation = record.conversation(None, self.system)
-        for turn in conversation.turns:
-            turn.images = [self._open(relative) for relative in turn.images]
+        try:
+            for turn in conversation.turns:
+                turn.images = [self._open(relative) for relative in turn.images]
+        except ValueError as err:  # ImageError: name the data file and line, not only the image
+            raise DataError(f"{self.path}:{record.line} (id {record.id}): {err}") from err
         return conversation
 
     def _open(self, relative: str) -> Image.Image:
@@ -154,12 +231,12 @@ class JsonlDataset(Dataset):
 
     def __getitem__(self, index: int) -> Sample | Conversation | None:
         record = self.records[index]
+        conversation = self.conversation(index)
+        if self.processor is None:
+            return conversation
         try:
-            conversation = self.conversation(index)
-            if self.processor is None:
-                return conversation
             return self.processor.encode(
-                conversation, max_length=self.max_length, on_overflow=self.on_overflow, uint8_pixels=self.uint8_pixels
+                conversation, max_length=self.max_length, on_overflow="error", uint8_pixels=self.uint8_pixels
             )
-        except ValueError as err:  # ImageError, TruncationError, tag problems
+        except ValueError as err:  # TruncationError, tag problems
             raise DataError(f"{self.path}:{record.line} (id {record.id}): {err}") from err

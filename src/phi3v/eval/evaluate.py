@@ -1,4 +1,4 @@
-"""Generation-based evaluation: batched greedy decoding with a KV cache and left padding, scored by the task.
+"""Evaluation: answers from ``generate.py`` (generation or label-set scoring), scored by the task.
 
 The training loop's evaluation calls ``evaluate`` too, so the number logged during training is the number the
 final evaluation reports.
@@ -16,9 +16,8 @@ import torch
 import torch.distributed as dist
 
 from phi3v.data.dataset import JsonlDataset
-from phi3v.model import without_adapters
-from phi3v.processing.chat import Conversation
-from phi3v.processing.processor import MODEL_INPUTS, Phi3VProcessor
+from phi3v.eval.generate import generate_answers, label_scores
+from phi3v.processing.processor import Phi3VProcessor
 from phi3v.tasks import Task
 from phi3v.utils import atomic_write, atomic_write_text
 
@@ -29,44 +28,6 @@ class Evaluation:
 
     metrics: dict[str, float]
     predictions: list[dict]
-
-
-@torch.no_grad()
-def generate_answers(
-    model: torch.nn.Module,
-    processor: Phi3VProcessor,
-    conversations: Sequence[Conversation],
-    batch_size: int = 8,
-    max_new_tokens: int = 64,
-    streamer=None,
-) -> list[str]:
-    """Greedy answers to the last turn of each conversation, in order (its answer, if any, is not shown to
-    the model: generation-mode rendering stops after the last prompt).
-
-    Args:
-        streamer: A transformers streamer that prints tokens as they come (use with ``batch_size=1``).
-    """
-    device = next(p for p in model.parameters()).device
-    dtype = without_adapters(model).dtype
-    answers: list[str] = []
-    for start in range(0, len(conversations), batch_size):
-        chunk = conversations[start : start + batch_size]
-        samples = [processor.encode(c, generation=True) for c in chunk]
-        batch = processor.collate(samples, padding_side="left")
-        inputs = {k: batch[k].to(device) for k in MODEL_INPUTS if batch[k] is not None}
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-        output = model.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=processor.eos_token_ids,
-            pad_token_id=processor.pad_token_id,
-            streamer=streamer,
-        )
-        width = inputs["input_ids"].shape[1]
-        answers += [processor.decode(row[width:]) for row in output]
-    return answers
 
 
 def evaluate(
@@ -95,8 +56,6 @@ def evaluate(
     Returns:
         The same ``Evaluation`` on every rank.
     """
-    from phi3v.eval.inference import label_scores
-
     was_training = model.training
     model.eval()
     indices = list(range(len(dataset)))[:max_samples]
@@ -123,9 +82,10 @@ def evaluate(
         local.append(entry)
     if world > 1:
         gathered: list[list[dict]] = [[] for _ in range(world)]
-        dist.all_gather_object(gathered, local)
-        by_id = {p["id"]: p for part in gathered for p in part}
-        predictions = [by_id[dataset.records[i].id] for i in indices]
+        # Keyed by sample index, not record id: ids may repeat, and every sample keeps its prediction.
+        dist.all_gather_object(gathered, list(zip(mine, local, strict=True)))
+        by_index = dict(pair for part in gathered for pair in part)
+        predictions = [by_index[i] for i in indices]
     else:
         predictions = local
     positives = [p.get("positive_score") for p in predictions]

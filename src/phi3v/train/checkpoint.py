@@ -16,6 +16,7 @@ checkpoint is used instead.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -23,6 +24,7 @@ import os
 import random
 import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,55 @@ MANIFEST = "manifest.json"
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message says which file and why."""
+
+
+@dataclass
+class TrainerState:
+    """What the loop carries from step to step, saved as ``trainer_state.json`` in every checkpoint."""
+
+    run: dict[str, Any]
+    """The settings the run is only valid for (a resume with other values is refused)."""
+    step: int = 0
+    """Optimizer steps done."""
+    losses: list[float] = field(default_factory=list)
+    """The loss of every step so far."""
+    best: float | None = None
+    """The best value of the task's main metric so far."""
+    best_checkpoint: str | None = None
+    """The checkpoint of the best evaluation (kept by pruning)."""
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
+    """Every evaluation: ``{"step": s, metric: value, ...}``."""
+    scaler: dict[str, Any] | None = None
+    """The fp16 loss scaler's state."""
+    world_size: int = 1
+    """Processes that wrote the checkpoint."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, path: Path) -> TrainerState:
+        """Read and check a ``trainer_state.json``; ``CheckpointError`` names the file and every bad field."""
+        data = _read_json(path)
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{path}: expected a mapping, got {type(data).__name__}")
+        kinds = {"run": dict, "step": int, "losses": list, "best": (int, float),
+                 "best_checkpoint": str, "evaluations": list, "scaler": dict, "world_size": int}  # fmt: skip
+        optional = {"best", "best_checkpoint", "scaler"}
+        problems = [f"{k}: missing" for k in kinds if k not in data]
+        problems += [f"{k}: unknown field" for k in data if k not in kinds]
+        for key, kind in kinds.items():
+            value = data.get(key)
+            present = key in data and not (value is None and key in optional)
+            if present and (isinstance(value, bool) or not isinstance(value, kind)):
+                problems.append(f"{key}: {value!r} is not {getattr(kind, '__name__', 'a number')}")
+        if not problems and not all(isinstance(v, int | float) and not isinstance(v, bool) for v in data["losses"]):
+            problems.append("losses: not a list of numbers")
+        if not problems and data["step"] != len(data["losses"]):
+            problems.append(f"step {data['step']} but {len(data['losses'])} losses")
+        if problems:
+            raise CheckpointError(f"{path}: " + "; ".join(problems[:5]))
+        return cls(**data)
 
 
 def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
@@ -59,25 +110,56 @@ def write_manifest(folder: Path) -> None:
     atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1) + "\n")
 
 
-def verify(folder: Path) -> None:
-    """Raise ``CheckpointError`` unless every file of the manifest is there with its size and hash."""
+REQUIRED = ("trainable.safetensors", "scheduler.json", "trainer_state.json")
+"""Files every checkpoint has (besides the per-rank RNG states and the optimizer's, which depend on the engine)."""
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def read_manifest(folder: Path) -> dict[str, dict]:
+    """The manifest, checked for shape: file name -> ``{"size": int, "sha256": hex}``, plain names only."""
     manifest_path = folder / MANIFEST
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: checkpoint folder not found")
     if not manifest_path.exists():
         raise CheckpointError(f"{folder}: no {MANIFEST} (the save did not finish)")
+    manifest = _read_json(manifest_path)
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{manifest_path}: expected a mapping of file names, got {type(manifest).__name__}")
+    problems = []
+    for name, entry in manifest.items():
+        if "/" in name or "\\" in name or name in ("", ".", ".."):
+            problems.append(f"{name!r}: not a plain file name")
+        elif not isinstance(entry, dict):
+            problems.append(f"{name}: expected {{size, sha256}}, got {type(entry).__name__}")
+        elif type(entry.get("size")) is not int or entry["size"] < 0:
+            problems.append(f"{name}: size {entry.get('size')!r} is not a byte count")
+        elif not (isinstance(entry.get("sha256"), str) and SHA256.match(entry["sha256"])):
+            problems.append(f"{name}: sha256 {entry.get('sha256')!r} is not a SHA-256 hex digest")
+    problems += [f"{name}: missing from the manifest" for name in REQUIRED if name not in manifest]
+    if problems:
+        raise CheckpointError(f"{manifest_path}: " + "; ".join(problems[:5]))
+    return manifest
+
+
+def _read_json(path: Path) -> Any:
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{manifest_path}: unreadable ({err})") from err
-    for name, expected in manifest.items():
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: unreadable ({err})") from err
+
+
+def verify(folder: Path) -> None:
+    """Raise ``CheckpointError`` unless the manifest is well formed, every file of it is there with its size and
+    hash, and the trainer state reads as a ``TrainerState``."""
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: checkpoint folder not found")
+    for name, expected in read_manifest(folder).items():
         path = folder / name
-        if not path.exists():
+        if not path.is_file():
             raise CheckpointError(f"{path}: missing")
         if path.stat().st_size != expected["size"]:
             raise CheckpointError(f"{path}: {path.stat().st_size} bytes, manifest says {expected['size']}")
         if _sha256(path) != expected["sha256"]:
             raise CheckpointError(f"{path}: content differs from the manifest (corrupted)")
+    TrainerState.from_json(folder / "trainer_state.json")
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
@@ -175,7 +257,7 @@ def save_checkpoint(
     step: int,
     state: dict[str, Any],
     scheduler: Any,
-    trainer_state: dict,
+    trainer_state: TrainerState,
     rank: int,
     world_size: int,
     barrier,
@@ -191,7 +273,25 @@ def save_checkpoint(
         if staging.exists():
             shutil.rmtree(staging)
         staging.mkdir(parents=True)
+    try:
+        barrier()
+        _write_pieces(staging, state, scheduler, trainer_state, rank, world_size)
+        barrier()
+        if rank == 0:
+            write_manifest(staging)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staging, final)
+    except BaseException:  # Ctrl-C or a failed write: no half-written folder stays behind
+        if rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     barrier()
+    return final
+
+
+def _write_pieces(staging: Path, state: dict[str, Any], scheduler: Any, trainer_state: TrainerState, rank: int,
+                  world_size: int) -> None:  # fmt: skip
     tensors, meta = rng_state()
     save_file(tensors, staging / f"rng-rank{rank}.safetensors")
     atomic_write_text(staging / f"rng-rank{rank}.json", json.dumps(meta))
@@ -207,15 +307,8 @@ def save_checkpoint(
             save_file(opt_tensors, staging / "optimizer.safetensors")
             atomic_write_text(staging / "optimizer.json", json.dumps(opt_meta))
         atomic_write_text(staging / "scheduler.json", json.dumps(scheduler.state_dict()))
-        atomic_write_text(staging / "trainer_state.json", json.dumps({**trainer_state, "world_size": world_size}))
-    barrier()
-    if rank == 0:
-        write_manifest(staging)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-    barrier()
-    return final
+        saved = dataclasses.replace(trainer_state, world_size=world_size)
+        atomic_write_text(staging / "trainer_state.json", json.dumps(saved.to_dict()))
 
 
 def load_checkpoint(folder: Path, rank: int) -> dict:
@@ -230,17 +323,17 @@ def load_checkpoint(folder: Path, rank: int) -> dict:
         "optimizer": None,
         "optimizer_meta": None,
         "rank_optimizer": None,
-        "scheduler": json.loads((folder / "scheduler.json").read_text()),
-        "trainer_state": json.loads((folder / "trainer_state.json").read_text()),
+        "scheduler": _read_json(folder / "scheduler.json"),
+        "trainer_state": TrainerState.from_json(folder / "trainer_state.json"),
         "rng": load_file(rng_file),
-        "rng_meta": json.loads((folder / f"rng-rank{rank}.json").read_text()),
+        "rng_meta": _read_json(folder / f"rng-rank{rank}.json"),
     }
     if (folder / "optimizer.safetensors").exists():
         loaded["optimizer"] = load_file(folder / "optimizer.safetensors")
-        loaded["optimizer_meta"] = json.loads((folder / "optimizer.json").read_text())
+        loaded["optimizer_meta"] = _read_json(folder / "optimizer.json")
     zero = folder / f"zero-rank{rank}.safetensors"
     if zero.exists():
-        loaded["rank_optimizer"] = (load_file(zero), json.loads(zero.with_suffix(".json").read_text()))
+        loaded["rank_optimizer"] = (load_file(zero), _read_json(zero.with_suffix(".json")))
     return loaded
 
 
@@ -249,6 +342,13 @@ def prune(run_dir: str | os.PathLike, keep_last: int, keep: set[Path]) -> None:
     for folder in list_checkpoints(run_dir)[keep_last:]:
         if folder.resolve() not in keep:
             shutil.rmtree(folder)
+
+
+def remove_staging(run_dir: str | os.PathLike) -> None:
+    """Delete ``.tmp-step-*`` folders a killed save left behind (never a checkpoint: those are renamed in whole)."""
+    root = Path(run_dir) / "checkpoints"
+    for folder in root.glob(".tmp-step-*") if root.is_dir() else []:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def set_aside_newer(run_dir: str | os.PathLike, step: int) -> None:

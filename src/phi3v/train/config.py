@@ -7,6 +7,7 @@ The resolved config is written to the run directory as ``config.yaml``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -19,6 +20,47 @@ Precision = Literal["bf16", "fp16", "fp32"]
 Attention = Literal["sdpa", "flash_attention_2", "eager"]
 Engine = Literal["auto", "ddp", "deepspeed_zero2", "fsdp2"]
 Schedule = Literal["linear", "cosine", "constant"]
+OnOverflow = Literal["error", "truncate", "drop"]
+Training = Literal["frozen", "lora", "full"]
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """How each component trains (``frozen``, ``lora`` adapters on a frozen base, or ``full``), and whether the
+    frozen base is quantised to 4-bit NF4. Components: see ``phi3v.train.strategy``."""
+
+    vision: Training
+    projector: Training
+    language: Training
+    quantize_base: bool = False
+
+    @property
+    def adapters(self) -> bool:
+        """Some component trains LoRA adapters."""
+        return "lora" in (self.vision, self.projector, self.language)
+
+    def problems(self) -> list[str]:
+        modes = (self.vision, self.projector, self.language)
+        found = [f"{k}={v!r}: choose frozen, lora or full" for k, v in vars(self).items()
+                 if k != "quantize_base" and v not in get_args(Training)]  # fmt: skip
+        if not found and "lora" in modes and "full" in modes:
+            found.append("components mix lora and full training: the adapter file would not hold the fully trained "
+                         "weights; train every component as lora/frozen, or as full/frozen")  # fmt: skip
+        if not found and self.quantize_base and "full" in modes:
+            found.append("quantize_base with a fully trained component: 4-bit weights cannot be trained")
+        if not found and all(m == "frozen" for m in modes):
+            found.append("every component is frozen: nothing would train")
+        return found
+
+
+STRATEGIES: dict[str, StrategySpec] = {
+    "full": StrategySpec(vision="full", projector="full", language="full"),
+    "frozen_vision": StrategySpec(vision="frozen", projector="full", language="full"),
+    "lora": StrategySpec(vision="lora", projector="lora", language="lora"),
+    "qlora": StrategySpec(vision="lora", projector="lora", language="lora", quantize_base=True),
+}
+"""The named strategies are presets; the ``vision``, ``projector``, ``language`` and ``quantize_base`` settings
+override a preset's entries (the reference recipe's LoRA adapts CLIP and the projector too)."""
 
 
 class ConfigError(ValueError):
@@ -41,7 +83,8 @@ class TrainConfig:
     task: str = "generic"
     """Task name (``phi3v.tasks``): its metric scores evaluation."""
     strategy: Strategy = "lora"
-    """``full``, ``frozen_vision``, ``lora`` or ``qlora`` (4-bit NF4 base + LoRA)."""
+    """A preset of the per-component settings below (``STRATEGIES``): ``full``, ``frozen_vision``, ``lora`` or
+    ``qlora`` (4-bit NF4 base + LoRA)."""
 
     # --- numerics and shapes
     precision: Precision = "bf16"
@@ -51,9 +94,16 @@ class TrainConfig:
     num_crops: int = 16
     """HD crops per image (16 for single documents, 4 for several images or video frames)."""
     max_length: int = 4096
-    """Longest sample in tokens; longer samples fail or are dropped (``drop_long_samples``)."""
-    drop_long_samples: bool = False
-    """Drop (and count) samples that do not fit ``max_length`` instead of stopping with an error."""
+    """Longest sample in tokens; what happens to longer ones is ``on_overflow``."""
+    on_overflow: OnOverflow = "error"
+    """The length policy, for training and validation samples longer than ``max_length``, checked before the first
+    step: ``error`` stops the run naming file, line and id; ``drop`` removes them; ``truncate`` cuts them at
+    ``max_length`` (a cut that would split an image or keep no answer token is an error). Dropped and truncated
+    samples are counted in ``summary.json``, the log and the report. ``phi3v data check --on-overflow`` applies the
+    same policy."""
+    skip_bad_images: bool = False
+    """Remove (and count) samples with a missing or undecodable image instead of stopping the run; every image is
+    decoded once before the first step either way."""
     packing: bool = False
     """Pack each micro-batch's samples into one row without padding (attention stays inside each sample)."""
     uint8_pixels: bool = True
@@ -103,8 +153,15 @@ class TrainConfig:
         default_factory=lambda: ["qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head"]
     )
     """Language-model modules that get adapters."""
-    lora_vision: bool = True
-    """Also adapt the CLIP tower (q/k/v/out_proj, fc1, fc2) and the projector, as the reference recipe does."""
+    vision: Training | None = None
+    """How the CLIP tower trains: ``frozen``, ``lora`` (adapters on q/k/v/out_proj, fc1, fc2) or ``full``;
+    unset: as ``strategy`` says."""
+    projector: Training | None = None
+    """How the projector and separators train (``lora``: adapters on its two linear layers); unset: the preset's."""
+    language: Training | None = None
+    """How the language model trains (``lora``: adapters on ``lora_targets``); unset: the preset's."""
+    quantize_base: bool | None = None
+    """Quantise the frozen base to 4-bit NF4 (QLoRA; needs bitsandbytes); unset: the preset's."""
 
     # --- run
     engine: Engine = "auto"
@@ -116,6 +173,9 @@ class TrainConfig:
     """Run directory: config, logs, checkpoints, final model."""
     resume: str | None = None
     """``auto`` (latest valid checkpoint in the run directory, if any) or a checkpoint path."""
+    overwrite: bool = False
+    """Start afresh in an ``output_dir`` that holds another run: its checkpoints, logs and final model are deleted
+    first. Without it (and without ``resume``), such a folder stops the run before anything is written."""
     save_every: int = 0
     """Save a checkpoint every N optimizer steps (0: only at the end)."""
     keep_last: int = 2
@@ -130,8 +190,11 @@ class TrainConfig:
     """Data-loading worker processes per device."""
 
     @property
-    def lora(self) -> bool:
-        return self.strategy in ("lora", "qlora")
+    def spec(self) -> StrategySpec:
+        """The preset named by ``strategy`` with this config's per-component settings applied."""
+        preset = STRATEGIES.get(self.strategy, STRATEGIES["full"])
+        changes = {k: getattr(self, k) for k in ("vision", "projector", "language", "quantize_base")}
+        return dataclasses.replace(preset, **{k: v for k, v in changes.items() if v is not None})
 
     @property
     def resolved_engine(self) -> str:
@@ -142,7 +205,7 @@ class TrainConfig:
         import torch
 
         several_gpus = torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-        return "deepspeed_zero2" if several_gpus and not self.lora else "ddp"
+        return "deepspeed_zero2" if several_gpus and not self.spec.adapters else "ddp"
 
     def validate(self, world_size: int = 1) -> None:
         """Raise ``ConfigError`` listing every problem."""
@@ -163,6 +226,11 @@ class TrainConfig:
             problems.append("image_root: required (the folder image paths are relative to)")
         elif not Path(self.image_root).is_dir():
             problems.append(f"image_root={self.image_root!r}: not a directory")
+        for f in fields(self):  # nan and inf pass every comparison below; refuse them first
+            values = getattr(self, f.name) if f.name == "adam_betas" else [getattr(self, f.name)]
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                problems.append(f"{f.name}={getattr(self, f.name)!r}: must be a finite number")
+        problems += _output_dir_problems(self.output_dir)
         for name in ("num_crops", "max_length", "per_device_batch_size", "global_batch_size", "lora_rank",
                      "checkpoint_every"):  # fmt: skip
             if getattr(self, name) < 1:
@@ -187,6 +255,8 @@ class TrainConfig:
             problems.append(f"adam_betas={list(self.adam_betas)}: each must be in [0, 1)")
         if self.resolved_engine == "fsdp2" and self.val_data:
             problems.append("engine=fsdp2 with val_data: evaluation during training is not supported on FSDP2 yet")
+        if self.overwrite and self.resume is not None:
+            problems.append(f"overwrite=true with resume={self.resume!r}: choose one (overwrite deletes the run)")
         if self.keep_last < 1:
             problems.append(f"keep_last={self.keep_last}: keep at least 1 checkpoint")
         per_step = self.per_device_batch_size * world_size
@@ -197,8 +267,9 @@ class TrainConfig:
             )
         if self.precision == "fp16" and self.attention == "flash_attention_2":
             problems.append("precision=fp16 with attention=flash_attention_2: flash attention needs bf16 (or use sdpa)")
-        if self.strategy == "qlora" and self.resolved_engine != "ddp":
-            problems.append(f"strategy=qlora runs on ddp only, not engine={self.engine}")
+        problems += self.spec.problems()
+        if self.spec.quantize_base and self.resolved_engine != "ddp":
+            problems.append(f"a quantised base (strategy={self.strategy}) runs on ddp only, not engine={self.engine}")
         from phi3v.tasks import TASKS
 
         if self.task not in TASKS:
@@ -253,8 +324,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
     data: dict[str, Any] = {}
     problems = []
     if path is not None:
-        with open(path, encoding="utf-8") as f:
-            loaded = yaml.safe_load(f) or {}
+        loaded = _read_yaml(path)
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of settings, got {type(loaded).__name__}")
         data.update(loaded)
@@ -281,6 +351,34 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
     if "adam_betas" in data:
         data["adam_betas"] = tuple(float(b) for b in data["adam_betas"])
     return TrainConfig(**{k: v for k, v in data.items() if k in hints})
+
+
+def _read_yaml(path: str | os.PathLike) -> Any:
+    """The YAML document in ``path``; ``ConfigError`` naming the file (and line) when it cannot be read."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}{where}: invalid YAML ({problem})") from err
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config ({err.strerror or err})") from err
+
+
+def _output_dir_problems(output_dir: str) -> list[str]:
+    """Why a run could not write into ``output_dir`` (a file in the way, no write permission), found up front."""
+    path = Path(output_dir)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    if not path.is_dir():
+        return [f"output_dir={output_dir!r}: {path} is a file, not a folder"]
+    if not os.access(path, os.W_OK | os.X_OK):
+        return [f"output_dir={output_dir!r}: {path} is not writable"]
+    return []
 
 
 def _type_problem(key: str, value: Any, hint: Any) -> str | None:

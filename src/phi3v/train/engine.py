@@ -173,7 +173,7 @@ def restore_training_state(accelerator, model, unwrapped, optimizer, names: list
         for name, tensor in loaded["trainable"].items():
             params[name].copy_(tensor)
     if is_deepspeed(accelerator):
-        saved_world = loaded["trainer_state"].get("world_size")
+        saved_world = loaded["trainer_state"].world_size
         if saved_world != accelerator.num_processes:
             raise EngineError(
                 f"{loaded['folder']}: written by {saved_world} processes; DeepSpeed's ZeRO partitions the optimizer "

@@ -14,11 +14,13 @@ that count (times the accumulation steps and ranks that Accelerate/DDP average o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import os
 import random
+import shutil
 import time
 from collections.abc import Iterator
 from functools import partial
@@ -37,6 +39,7 @@ from phi3v.processing.chat import IGNORE_INDEX
 from phi3v.processing.collate import collate
 from phi3v.tasks import get_task
 from phi3v.train import checkpoint as ckpt
+from phi3v.train import runlog
 from phi3v.train.config import TrainConfig
 from phi3v.train.engine import make_accelerator, restore_training_state, training_state
 from phi3v.train.strategy import apply_strategy, component, parameter_counts
@@ -83,7 +86,7 @@ def seed_everything(seed: int) -> None:
 def load_model_and_processor(config: TrainConfig) -> tuple[Phi3VForCausalLM, Phi3VProcessor]:
     """The base model (fp32 master weights for full training; bf16/fp16 base for LoRA) and its processor."""
     base_dtype = torch.float32
-    if config.lora and config.precision != "fp32":
+    if config.spec.adapters and config.precision != "fp32":  # a frozen base needs no fp32 master weights
         base_dtype = torch.bfloat16 if config.precision == "bf16" else torch.float16
     if config.model == "tiny":
         model = build_model("tiny", dtype=base_dtype, attn_implementation=config.attention, seed=config.seed)
@@ -115,16 +118,18 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> tuple[torch.o
     return optimizer, names
 
 
-def lr_lambda(step: int, config: TrainConfig, total_steps: int) -> float:
-    """Linear warmup, then linear / cosine decay to 0, or constant."""
-    if step < config.warmup_steps:
-        return (step + 1) / (config.warmup_steps + 1)
-    if config.schedule == "constant":
-        return 1.0
-    progress = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
-    if config.schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return max(0.0, 1.0 - progress)
+SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
+"""Our ``schedule`` names -> transformers' ``get_scheduler`` names."""
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int):
+    """The reference recipe's schedule, from transformers' ``get_scheduler``: the step-``s`` factor is
+    ``s / warmup`` during warmup (so step 1 runs at 0), then linear (``(T - s) / (T - warmup)``) or cosine decay to
+    0, or constant 1."""
+    from transformers import get_scheduler
+
+    return get_scheduler(SCHEDULES[config.schedule], optimizer, num_warmup_steps=config.warmup_steps,
+                         num_training_steps=total_steps)  # fmt: skip
 
 
 def audit_gradients(model: torch.nn.Module, get_grad, skip_image_side: bool = False) -> None:
@@ -175,9 +180,16 @@ def train(config: TrainConfig) -> dict:
         )
     main = accelerator.is_main_process
     run_dir = Path(config.output_dir)
+    resume_from = _resume_target(config, run_dir)  # every rank verifies the same files before anything changes
+    accelerator.wait_for_everyone()
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config.save(run_dir / "config.yaml")
+        _claim_run_dir(config, run_dir, resume_from)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            config.save(run_dir / "config.yaml")
+        except OSError as err:  # found at the time of use too: a folder may change after validation
+            problem = err.strerror or err
+            raise TrainingError(f"output_dir={config.output_dir!r}: cannot write there ({problem})") from err
     accelerator.wait_for_everyone()
 
     seed_everything(config.seed)
@@ -201,47 +213,52 @@ def train(config: TrainConfig) -> dict:
 
     dataset.processor = processor
     dataset.uint8_pixels = config.uint8_pixels
-    if config.drop_long_samples:
-        dropped = dataset.drop_long()  # up front, so that no batch is left empty and every rank drops the same
-        if main:
-            logger.info("dropped %d of %d samples longer than max_length %d", dropped, dropped + len(dataset),
-                        config.max_length)  # fmt: skip
-
+    # Every sample checked before the first step (images decoded, lengths against the policy), the same on every
+    # rank, so that no batch comes out empty and a bad file stops the run now, not an hour in.
+    screened = dataset.screen(config.on_overflow, config.skip_bad_images, workers=max(1, config.num_workers))
     steps_per_epoch = len(dataset) // config.global_batch_size
     if steps_per_epoch == 0:
         raise TrainingError(f"{config.train_data}: {len(dataset)} samples, fewer than one global batch "
                             f"({config.global_batch_size})")  # fmt: skip
     total_steps = config.max_steps or max(1, int(config.epochs * steps_per_epoch))
-    val = JsonlDataset(config.val_data, config.image_root) if config.val_data else None
+    val, val_screened = None, None
+    if config.val_data:
+        # Validation prompts are never cut (generation needs the whole prompt): under truncate they stay whole.
+        val_length = None if config.on_overflow == "truncate" else config.max_length
+        val = JsonlDataset(config.val_data, config.image_root, processor=processor, max_length=val_length)
+        val_screened = val.screen(config.on_overflow, config.skip_bad_images, workers=max(1, config.num_workers))
+        val.processor = None  # evaluation encodes the prompts itself
+    samples = {"dropped": screened.dropped, "truncated": screened.truncated, "bad_images": screened.bad_images,
+               "duplicate_ids": screened.duplicate_ids}  # fmt: skip
+    if val_screened is not None:
+        samples.update(val_dropped=val_screened.dropped, val_bad_images=val_screened.bad_images)
     task = get_task(config.task)
 
     optimizer, names = make_optimizer(model, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_lambda, config=config, total_steps=total_steps))
+    scheduler = make_scheduler(optimizer, config, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
 
-    state = {"step": 0, "losses": [], "dropped": 0, "best": None, "best_checkpoint": None, "evaluations": [],
-             "run": _run_identity(config), "scaler": None}  # fmt: skip
-    resume_from = _resume_target(config, run_dir)
+    state = ckpt.TrainerState(run=_run_identity(config), world_size=world)
     if resume_from is not None:
         loaded = ckpt.load_checkpoint(resume_from, rank)
-        saved = loaded["trainer_state"].get("run", {})
-        changed = {k: (saved.get(k), v) for k, v in state["run"].items() if saved.get(k) != v}
+        saved = loaded["trainer_state"].run
+        changed = {k: (saved.get(k), v) for k, v in state.run.items() if saved.get(k) != v}
         if changed:
             listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
             raise TrainingError(f"{resume_from} was written by a run with other settings ({listed}); resume with "
                                 "the same settings or start a new output_dir")  # fmt: skip
         restore_training_state(accelerator, model, unwrapped, optimizer, names, loaded)
         scheduler.load_state_dict(loaded["scheduler"])
-        state.update({k: v for k, v in loaded["trainer_state"].items() if k in state})
-        if state["scaler"] is not None and accelerator.scaler is not None:
-            accelerator.scaler.load_state_dict(state["scaler"])
+        state = dataclasses.replace(loaded["trainer_state"], world_size=world)
+        if state.scaler is not None and accelerator.scaler is not None:
+            accelerator.scaler.load_state_dict(state.scaler)
         if main:
-            logger.info("resumed from %s at step %d", resume_from, state["step"])
-            _truncate_log(run_dir / "log.jsonl", state["step"])
-            ckpt.set_aside_newer(run_dir, state["step"])
+            logger.info("resumed from %s at step %d", resume_from, state.step)
+            runlog.truncate_log(run_dir / "log.jsonl", state.step)
+            ckpt.set_aside_newer(run_dir, state.step)
 
-    sampler = GlobalBatchSampler(len(dataset), config, world, rank, state["step"], total_steps)
+    sampler = GlobalBatchSampler(len(dataset), config, world, rank, state.step, total_steps)
     loader = DataLoader(
         dataset,
         batch_sampler=sampler,
@@ -253,9 +270,11 @@ def train(config: TrainConfig) -> dict:
     batches = iter(loader)  # draws the loader's base seed from the torch RNG ...
     if resume_from is not None:
         ckpt.set_rng_state(loaded["rng"], loaded["rng_meta"])  # ... so the saved RNG state goes in after it
-    writer = _tensorboard(run_dir, state["step"]) if main else None
+    writer = _tensorboard(run_dir, state.step) if main else None
     log_file = run_dir / "log.jsonl"
-    progress = _progress(main, state["step"], total_steps)
+    if main and state.step == 0:
+        _log(writer, log_file, {"step": 0, **samples})  # what the length and image policies removed or cut
+    progress = _progress(main, state.step, total_steps)
     try:
         micro: list[dict] = []
         tick, samples_done = time.perf_counter(), 0
@@ -263,12 +282,11 @@ def train(config: TrainConfig) -> dict:
             micro.append(batch)
             if len(micro) < accumulation:
                 continue
-            step = state["step"]
-            dropped = sum(b["num_dropped"] for b in micro)
+            step = state.step
             local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
             local_images = sum(0 if b["pixel_values"] is None else b["pixel_values"].shape[0] for b in micro)
-            counts = torch.tensor([local_tokens, dropped, local_images], device=accelerator.device)
-            global_tokens, global_dropped, global_images = (int(v) for v in accelerator.reduce(counts, "sum"))
+            totals = torch.tensor([local_tokens, local_images], device=accelerator.device)
+            global_tokens, global_images = (int(v) for v in accelerator.reduce(totals, "sum"))
             if global_tokens == 0:
                 raise TrainingError(
                     f"step {step + 1}: the global batch has no supervised token (empty or cut answers?)"
@@ -305,44 +323,55 @@ def train(config: TrainConfig) -> dict:
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if accelerator.scaler is not None:
-                state["scaler"] = accelerator.scaler.state_dict()
-            state["step"] = step + 1
-            state["losses"].append(loss)
-            state["dropped"] += global_dropped
+                state.scaler = accelerator.scaler.state_dict()
+            state.step = step + 1
+            state.losses.append(loss)
             micro = []
             samples_done += config.global_batch_size
-            last = state["step"] == total_steps
-            if main and (state["step"] % config.log_every == 0 or last):
+            last = state.step == total_steps
+            if main and (state.step % config.log_every == 0 or last):
                 rate = samples_done / (time.perf_counter() - tick)
-                record = {"step": state["step"], "loss": loss, "lr": lr, "samples_per_s": rate,
-                          "dropped": state["dropped"]}  # fmt: skip
+                record = {"step": state.step, "loss": loss, "lr": lr, "samples_per_s": rate}
                 _log(writer, log_file, record)
             if progress:
                 progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
                 progress.update(1)
-            evaluate_now = val is not None and ((config.eval_every and state["step"] % config.eval_every == 0) or last)
-            improved = evaluate_now and _evaluate(
-                unwrapped, processor, val, task, config, state, writer, log_file, main
-            )
-            if improved or last or (config.save_every and state["step"] % config.save_every == 0):
-                _save(accelerator, model, unwrapped, optimizer, names, scheduler, state, config, run_dir)
+            evaluate_now = val is not None and ((config.eval_every and state.step % config.eval_every == 0) or last)
+            save = partial(_save, accelerator, model, unwrapped, optimizer, names, scheduler, state, config, run_dir)
+            scheduled = last or (config.save_every and state.step % config.save_every == 0)
+            if scheduled:
+                save()  # before evaluating: a failing evaluation never costs the trained weights
+            if evaluate_now:
+                try:
+                    improved = _evaluate(unwrapped, processor, val, task, config, state, writer, log_file, main)
+                except Exception as err:
+                    if not scheduled and world == 1:  # (several ranks cannot save: the others wait in evaluation)
+                        save()
+                    kept = ckpt.list_checkpoints(run_dir)
+                    where = f"the weights of step {kept[0].name} are kept" if kept else "no checkpoint was written"
+                    raise TrainingError(
+                        f"step {state.step}: evaluation on {config.val_data} failed: {err}; {where} (fix the "
+                        "validation data and rerun with resume=auto to continue and write final/)"
+                    ) from err
+                if improved:
+                    save()  # (again) with the new best recorded, so that pruning keeps it
     finally:
         if progress:
             progress.close()
         if writer:
             writer.close()
-    return _finish(accelerator, model, unwrapped, processor, config, run_dir, state, main)
+    return _finish(accelerator, model, unwrapped, processor, config, run_dir, state, main, samples)
 
 
-def _finish(accelerator, model, unwrapped, processor, config, run_dir, state, main) -> dict:
-    summary = {"steps": state["step"], "losses": state["losses"], "dropped": state["dropped"]}
+def _finish(accelerator, model, unwrapped, processor, config, run_dir, state, main, samples) -> dict:
+    summary = {"steps": state.step, "losses": state.losses, **samples}
     final = run_dir / "final"
     # Gathering a sharded model is collective: every rank takes part, the main one writes.
     # (LoRA adapters are whole on every process, except under FSDP2, which shards them like the rest.)
-    full_state = accelerator.get_state_dict(model) if accelerator.is_fsdp2 or not config.lora else None
+    full_state = accelerator.get_state_dict(model) if accelerator.is_fsdp2 or not config.spec.adapters else None
     if main:
         _final_save(unwrapped, processor, config, final, full_state)
-        summary.update(final=str(final), best=state["best"], best_checkpoint=state["best_checkpoint"])
+        summary.update(final=str(final), best=state.best, best_checkpoint=state.best_checkpoint)
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -352,16 +381,48 @@ def _finish(accelerator, model, unwrapped, processor, config, run_dir, state, ma
 def _run_identity(config: TrainConfig) -> dict:
     """The settings a checkpoint is only valid for: a resume with other values is refused."""
     keys = ("model", "train_data", "strategy", "seed", "global_batch_size", "max_steps", "epochs", "lr",
-            "schedule", "warmup_steps", "weight_decay", "lora_rank", "lora_alpha", "lora_targets", "lora_vision",
-            "precision", "num_crops", "max_length", "drop_long_samples")  # fmt: skip
+            "schedule", "warmup_steps", "weight_decay", "lora_rank", "lora_alpha", "lora_targets", "vision",
+            "projector", "language", "quantize_base", "precision", "num_crops", "max_length", "on_overflow",
+            "skip_bad_images")  # fmt: skip
     return {k: v for k, v in config.to_dict().items() if k in keys}
 
 
-def _truncate_log(log_file: Path, step: int) -> None:
-    """Drop log lines of steps after ``step`` (they are about to be run again)."""
-    if log_file.exists():
-        kept = [line for line in log_file.read_text().splitlines() if json.loads(line)["step"] <= step]
-        atomic_write_text(log_file, "".join(line + "\n" for line in kept))
+RUN_FILES = ("checkpoints", "log.jsonl", "summary.json", "final")
+"""What a run leaves in its ``output_dir``; any of them means the folder belongs to a run."""
+
+
+def _claim_run_dir(config: TrainConfig, run_dir: Path, resume_from: Path | None) -> None:
+    """Make ``run_dir`` this run's, before anything is written (main process only).
+
+    A folder holding another run is refused unless the run resumes it or ``overwrite`` is set (then the old run's
+    files are deleted). ``resume=auto`` without a usable checkpoint starts afresh: the old log is emptied and any
+    damaged checkpoints are set aside, so they are neither pruned as "newer" nor mixed into this run's log.
+    """
+    ckpt.remove_staging(run_dir)
+    found = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if config.overwrite:
+        for name in [*found, "tensorboard"]:
+            path = run_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        if found:
+            logger.warning("overwrite=true: deleted the previous run's %s in %s", ", ".join(found), run_dir)
+        return
+    if config.resume is None:
+        if found:
+            raise TrainingError(
+                f"output_dir {run_dir} holds another run ({', '.join(found)}); continue it with resume=auto, "
+                "choose a new output_dir, or replace it with overwrite=true"
+            )
+        shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)  # events of an attempt that logged no step
+    elif resume_from is None:
+        if found:
+            logger.warning("resume=auto: no usable checkpoint in %s; starting from step 0", run_dir)
+        runlog.truncate_log(run_dir / "log.jsonl", 0)
+        ckpt.set_aside_newer(run_dir, 0)
+        shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
 
 
 def _resume_target(config: TrainConfig, run_dir: Path) -> Path | None:
@@ -380,12 +441,12 @@ def _evaluate(model, processor, val, task, config, state, writer, log_file, main
 
     result = evaluate(model, processor, val, task, max_samples=config.eval_max_samples)
     value = next(iter(result.metrics.values()))  # the task's main metric comes first
-    state["evaluations"].append({"step": state["step"], **result.metrics})
+    state.evaluations.append({"step": state.step, **result.metrics})
     if main:
-        _log(writer, log_file, {"step": state["step"], **{f"eval/{k}": v for k, v in result.metrics.items()}})
-    if state["best"] is None or value > state["best"]:
-        state["best"] = value
-        state["best_checkpoint"] = str(ckpt.checkpoint_dir(config.output_dir, state["step"]).resolve())
+        _log(writer, log_file, {"step": state.step, **{f"eval/{k}": v for k, v in result.metrics.items()}})
+    if state.best is None or value > state.best:
+        state.best = value
+        state.best_checkpoint = str(ckpt.checkpoint_dir(config.output_dir, state.step).resolve())
         return True
     return False
 
@@ -393,16 +454,16 @@ def _evaluate(model, processor, val, task, config, state, writer, log_file, main
 def _save(accelerator, model, unwrapped, optimizer, names, scheduler, state, config, run_dir) -> None:
     pieces = training_state(accelerator, model, unwrapped, optimizer, names)  # collective (sharded engines)
     ckpt.save_checkpoint(
-        run_dir, state["step"], pieces, scheduler, state,
+        run_dir, state.step, pieces, scheduler, state,
         accelerator.process_index, accelerator.num_processes, accelerator.wait_for_everyone,
     )  # fmt: skip
     if accelerator.is_main_process:
-        best = {Path(state["best_checkpoint"]).resolve()} if state.get("best_checkpoint") else set()
+        best = {Path(state.best_checkpoint).resolve()} if state.best_checkpoint else set()
         ckpt.prune(run_dir, config.keep_last, best)
 
 
 def _final_save(unwrapped, processor, config, final: Path, full_state) -> None:
-    if config.lora:
+    if config.spec.adapters:
         # PEFT adapter (adapter_model.safetensors + adapter_config.json); the vocabulary is unchanged, so the
         # output head an lm_head adapter sits on is not copied into the adapter file
         unwrapped.save_pretrained(final, state_dict=full_state, save_embedding_layers=False)
@@ -414,7 +475,7 @@ def _final_save(unwrapped, processor, config, final: Path, full_state) -> None:
     else:
         unwrapped.save_pretrained(final, state_dict=full_state)
     processor.save_pretrained(final)
-    logger.info("saved the %s to %s", "adapter" if config.lora else "model", final)
+    logger.info("saved the %s to %s", "adapter" if config.spec.adapters else "model", final)
 
 
 def _save_preset_base(config: TrainConfig, directory: Path) -> None:
@@ -435,8 +496,7 @@ def _tensorboard(run_dir: Path, start_step: int):
 
 
 def _log(writer, log_file: Path, record: dict) -> None:
-    with open(log_file, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+    runlog.append(log_file, record)
     if writer is not None:
         for key, value in record.items():
             if key != "step":

@@ -1,5 +1,6 @@
-"""The four training strategies as data: which components train, whether adapters are added, whether the base is
-quantised. One function applies a strategy; no other code branches on the strategy's name.
+"""Training strategies as data: each component is ``frozen``, trains ``lora`` adapters, or trains ``full``, and the
+base may be quantised (``StrategySpec``; the four named strategies are presets of it, in ``config.py``). One
+function applies a spec; no code branches on a strategy's name.
 
 Components:
     vision     the CLIP tower (``model.vision_embed_tokens.img_processor``)
@@ -15,12 +16,11 @@ the token embedding belongs to the language model and trains with it.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from phi3v.train.config import TrainConfig
+from phi3v.train.config import STRATEGIES, StrategySpec, TrainConfig
 
 logger = logging.getLogger("phi3v")
 
@@ -28,25 +28,6 @@ VISION_PREFIX = "model.vision_embed_tokens.img_processor."
 PROJECTOR_PREFIXES = ("model.vision_embed_tokens.img_projection.", "model.vision_embed_tokens.glb_GN",
                       "model.vision_embed_tokens.sub_GN")  # fmt: skip
 VISION_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
-
-
-@dataclass(frozen=True)
-class StrategySpec:
-    """What a strategy trains."""
-
-    vision: bool
-    projector: bool
-    language: bool
-    adapters: bool
-    quantized_base: bool
-
-
-STRATEGIES: dict[str, StrategySpec] = {
-    "full": StrategySpec(vision=True, projector=True, language=True, adapters=False, quantized_base=False),
-    "frozen_vision": StrategySpec(vision=False, projector=True, language=True, adapters=False, quantized_base=False),
-    "lora": StrategySpec(vision=False, projector=False, language=False, adapters=True, quantized_base=False),
-    "qlora": StrategySpec(vision=False, projector=False, language=False, adapters=True, quantized_base=True),
-}
 
 
 def component(name: str) -> str:
@@ -88,32 +69,43 @@ def quantize_base(model: nn.Module, compute_dtype: torch.dtype) -> int:
 
 
 def lora_target_regex(config: TrainConfig) -> str:
-    """PEFT ``target_modules`` regex: the configured language-model modules, plus CLIP and the projector."""
-    language = "|".join(t for t in config.lora_targets if t != "lm_head")
-    patterns = [rf"model\.layers\.\d+\.(self_attn|mlp)\.({language})"] if language else []
-    if "lm_head" in config.lora_targets:
-        patterns.append("lm_head")
-    if config.lora_vision:
+    """PEFT ``target_modules`` regex for the components that train ``lora``: the configured language-model modules
+    (``lora_targets``), CLIP's attention and MLP projections, the projector's two linear layers."""
+    spec = config.spec
+    patterns = []
+    if spec.language == "lora":
+        language = "|".join(t for t in config.lora_targets if t != "lm_head")
+        patterns += [rf"model\.layers\.\d+\.(self_attn|mlp)\.({language})"] if language else []
+        patterns += ["lm_head"] if "lm_head" in config.lora_targets else []
+    if spec.vision == "lora":
         patterns.append(r"model\.vision_embed_tokens\.img_processor\..*\.(" + "|".join(VISION_LORA_TARGETS) + ")")
+    if spec.projector == "lora":
         patterns.append(r"model\.vision_embed_tokens\.img_projection\.(0|2)")
     return "^(" + "|".join(patterns) + ")$"
 
 
+def quantize(model: nn.Module, config: TrainConfig) -> None:
+    """Quantise the frozen base to 4-bit NF4 (the one place that does it, so the method can be swapped)."""
+    compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision, torch.float32)
+    logger.info("quantised %d linear layers to 4-bit NF4", quantize_base(model, compute))
+
+
 def apply_strategy(model: nn.Module, config: TrainConfig) -> nn.Module:
-    """Freeze, quantise and add adapters as ``config.strategy`` says; returns the model to train.
+    """Freeze, quantise and add adapters as ``config.spec`` says; returns the model to train.
 
     Raises:
-        ValueError: for an unknown strategy.
+        ValueError: for a spec that cannot train (see ``StrategySpec.problems``).
     """
-    if config.strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {config.strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    spec = STRATEGIES[config.strategy]
-    trains = {"vision": spec.vision, "projector": spec.projector, "language": spec.language, "adapters": True}
+    spec: StrategySpec = config.spec
+    problems = spec.problems()
+    if problems:
+        raise ValueError(f"strategy {config.strategy!r}: " + "; ".join(problems))
+    trains = {"vision": spec.vision == "full", "projector": spec.projector == "full",
+              "language": spec.language == "full", "adapters": True}  # fmt: skip
     for name, param in model.named_parameters():
         param.requires_grad_(trains[component(name)])
-    if spec.quantized_base:
-        compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision, torch.float32)
-        logger.info("quantised %d linear layers to 4-bit NF4", quantize_base(model, compute))
+    if spec.quantize_base:
+        quantize(model, config)
     if spec.adapters:
         from peft import LoraConfig, get_peft_model
 
@@ -137,3 +129,6 @@ def parameter_counts(model: nn.Module) -> dict[str, dict[str, int]]:
         if param.requires_grad:
             counts[component(name)]["trainable"] += n
     return counts
+
+
+__all__ = ["STRATEGIES", "StrategySpec", "apply_strategy", "component", "lora_target_regex", "parameter_counts"]

@@ -1,0 +1,105 @@
+"""Answers from a model: batched greedy generation (KV cache, left padding), label-set scoring by log-likelihood,
+and one-off questions. Evaluation (``evaluate.py``) and the ``generate`` command both use it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from phi3v.model import without_adapters
+from phi3v.processing import Conversation, Turn
+from phi3v.processing.chat import ANSWER_SUFFIX
+from phi3v.processing.processor import MODEL_INPUTS, Phi3VProcessor
+
+
+@torch.no_grad()
+def generate_answers(
+    model: torch.nn.Module,
+    processor: Phi3VProcessor,
+    conversations: Sequence[Conversation],
+    batch_size: int = 8,
+    max_new_tokens: int = 64,
+    streamer=None,
+) -> list[str]:
+    """Greedy answers to the last turn of each conversation, in order (its answer, if any, is not shown to
+    the model: generation-mode rendering stops after the last prompt).
+
+    Args:
+        streamer: A transformers streamer that prints tokens as they come (use with ``batch_size=1``).
+    """
+    device = next(p for p in model.parameters()).device
+    dtype = without_adapters(model).dtype
+    answers: list[str] = []
+    for start in range(0, len(conversations), batch_size):
+        chunk = conversations[start : start + batch_size]
+        samples = [processor.encode(c, generation=True) for c in chunk]
+        batch = processor.collate(samples, padding_side="left")
+        inputs = {k: batch[k].to(device) for k in MODEL_INPUTS if batch[k] is not None}
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        output = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=processor.eos_token_ids,
+            pad_token_id=processor.pad_token_id,
+            streamer=streamer,
+        )
+        width = inputs["input_ids"].shape[1]
+        answers += [processor.decode(row[width:]) for row in output]
+    return answers
+
+
+@torch.no_grad()
+def label_scores(
+    model: torch.nn.Module, processor: Phi3VProcessor, conversation: Conversation, labels: Sequence[str]
+) -> list[float]:
+    """Log-likelihood of each candidate answer ``label<|end|>\\n<|endoftext|>`` after the conversation's prompt.
+
+    The prompt (images included) is embedded once; each label is scored as its own continuation. Deterministic,
+    and every answer is one of ``labels``.
+
+    Returns:
+        Summed log-probabilities of each label's tokens, in ``labels`` order.
+    """
+    base = without_adapters(model)
+    device = next(model.parameters()).device
+    sample = processor.encode(conversation, generation=True)  # ends after the last prompt
+    pixel_values = sample.pixel_values.to(device, base.dtype) if sample.pixel_values is not None else None
+    sizes = sample.image_sizes.to(device) if sample.image_sizes is not None else None
+    prompt = base.model.embed(sample.input_ids[None].to(device), pixel_values, sizes)  # [1, Lp, E]
+    answers = [processor.tokenizer(label + ANSWER_SUFFIX, add_special_tokens=False).input_ids for label in labels]
+    width = max(len(a) for a in answers)
+    ids = torch.full((len(labels), width), processor.pad_token_id, device=device)
+    mask = torch.zeros(len(labels), prompt.shape[1] + width, dtype=torch.long, device=device)
+    mask[:, : prompt.shape[1]] = 1
+    for row, answer in enumerate(answers):
+        ids[row, : len(answer)] = torch.tensor(answer, device=device)
+        mask[row, prompt.shape[1] : prompt.shape[1] + len(answer)] = 1
+    embeds = torch.cat([prompt.expand(len(labels), -1, -1), base.model.embed_tokens(ids)], dim=1)
+    logits = model(inputs_embeds=embeds, attention_mask=mask).logits.float()  # [n, Lp + W, V]
+    start = prompt.shape[1] - 1  # the last prompt position predicts the first answer token
+    logprobs = F.log_softmax(logits[:, start : start + width], dim=-1).gather(-1, ids[..., None])[..., 0]
+    valid = mask[:, prompt.shape[1] :].bool()
+    return (logprobs * valid).sum(-1).tolist()
+
+
+def generate(
+    model: torch.nn.Module,
+    processor: Phi3VProcessor,
+    question: str,
+    images: Sequence = (),
+    max_new_tokens: int = 256,
+    stream: bool = False,
+) -> str:
+    """Answer one question about some images (greedy). With ``stream``, tokens are printed as they come."""
+    streamer = None
+    if stream:
+        from transformers import TextStreamer
+
+        streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    conversation = Conversation([Turn(question, list(images))])
+    return generate_answers(model, processor, [conversation], 1, max_new_tokens, streamer)[0]
