@@ -197,7 +197,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from phi3v.report import write_report
 
-    print(f"wrote {write_report(args.run_dir)}")
+    print(f"wrote {write_report(args.run_dirs, args.out, args.eval, args.gallery)}")
     return 0
 
 
@@ -358,8 +358,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default=None, help="write the results as JSON")
     bench.set_defaults(func=_cmd_bench)
 
-    rep = sub.add_parser("report", help="HTML report of a training run")
-    rep.add_argument("run_dir")
+    rep = sub.add_parser("report", help="self-contained HTML report of one or several training runs")
+    rep.add_argument("run_dirs", nargs="+", metavar="RUN", help="run folders (several: compared side by side)")
+    rep.add_argument("--out", default=None, help="HTML file (default RUN/report/index.html; phi3v-report.html for "
+                     "several runs)")  # fmt: skip
+    rep.add_argument(
+        "--eval",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="an evaluation folder (phi3v eval --out) outside RUN/eval/ (one run only; repeat)",
+    )
+    rep.add_argument("--gallery", type=int, default=60, help="predictions shown per run (default 60)")
     rep.set_defaults(func=_cmd_report)
 
     srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server for a model and its LoRA adapters")

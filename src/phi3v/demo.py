@@ -5,7 +5,7 @@
 2. builds the tiny model and tokenizer;
 3. trains one model on the three tasks together (full fine-tuning);
 4. evaluates each task on its held-out test split with batched greedy generation and exact-match accuracy;
-5. writes the training report.
+5. writes the report (metrics and curves per task, a gallery of predictions, confusion matrices).
 
 Everything lands under ``--out``; ``OUT/metrics.json`` maps each task to its held-out accuracy.
 """
@@ -51,6 +51,7 @@ def _mix(data: Path, split: str) -> Path:
         for line in (data / f"{task}_{split}.jsonl").read_text().splitlines():
             record = json.loads(line)
             record["id"] = f"{task}-{record['id']}"
+            record["source"] = task  # evaluations then report each task's metrics too
             lines.append(json.dumps(record))
     path = data / f"demo_{split}.jsonl"
     atomic_write_text(path, "\n".join(lines) + "\n")
@@ -107,7 +108,7 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict[str,
         accuracies[task_name] = result.metrics["accuracy"]
 
     print("[5/5] writing the report")
-    report = write_report(out / "run")
+    report = write_report(out / "run", evals=[out / "eval" / task_name for task_name in TASKS])
     atomic_write_text(out / "metrics.json", json.dumps(accuracies, indent=2) + "\n")
     minutes = (time.perf_counter() - start) / 60
     print(f"\nheld-out accuracy after {summary['steps']} steps ({minutes:.1f} min):")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -67,6 +68,15 @@ def generate(model, processor: Phi3VProcessor, conversations: list[Conversation]
                     stopping_criteria=StoppingCriteriaList([tracker]), **sampling)  # fmt: skip
 
 
+def byte_token_ids(processor: Phi3VProcessor) -> set[int]:
+    """Ids of the tokenizer's byte-fallback tokens (``<0x41>``): a run of them decodes as one UTF-8 sequence, so
+    its text is only final once a token of another kind follows."""
+    vocab = processor.tokenizer.get_vocab()
+    return {i for token, i in vocab.items() if BYTE_TOKEN.fullmatch(token)}
+
+
+BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
 # -- Batching ----------------------------------------------------------------------------------------------------
 
 
@@ -96,8 +106,8 @@ class BatchTracker(BaseStreamer, StoppingCriteria):
     criteria (this object too) with the ids so far.
     """
 
-    def __init__(self, processor: Phi3VProcessor, jobs: list[Job]):
-        self.processor, self.jobs = processor, jobs
+    def __init__(self, processor: Phi3VProcessor, jobs: list[Job], byte_ids: set[int]):
+        self.processor, self.jobs, self.byte_ids = processor, jobs, byte_ids
         self.ends = set(processor.eos_token_ids)
         n = len(jobs)
         self.tokens: list[list[int]] = [[] for _ in range(n)]
@@ -128,7 +138,13 @@ class BatchTracker(BaseStreamer, StoppingCriteria):
                 self._finish(row, "length")
             else:
                 self.texts[row] = text
-                self._send(row, len(text) - _held_back(text, request.stop))
+                self._send(row, self._stable(row, text) - _held_back(text, request.stop))
+
+    def _stable(self, row: int, text: str) -> int:
+        """How much of ``text`` later tokens cannot change: all but a trailing run of byte tokens' text."""
+        tokens = self.tokens[row]
+        run = len(tokens) - next((k for k in range(len(tokens) - 1, -1, -1) if tokens[k] not in self.byte_ids), -1) - 1
+        return len(text) if run == 0 else len(self.processor.decode(tokens[: len(tokens) - run]))
 
     def end(self) -> None:
         for row in range(len(self.jobs)):
@@ -165,6 +181,7 @@ class Engine:
         self.config = config
         self.model, self.processor = load_model(config)
         self.names = [config.base_name, *config.adapters]
+        self.byte_ids = byte_token_ids(self.processor)
         self.batch_sizes: list[int] = []  # every batch generated (its request count): the tests read it
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._worker = threading.Thread(target=self._serve, name="phi3v-serve-worker", daemon=True)
@@ -202,7 +219,7 @@ class Engine:
     def _run(self, jobs: list[Job]) -> None:
         first = jobs[0].request
         sampling = {"do_sample": True, "temperature": first.temperature, "top_p": first.top_p} if first.sampling else {}
-        tracker = BatchTracker(self.processor, jobs)
+        tracker = BatchTracker(self.processor, jobs, self.byte_ids)
         self.batch_sizes.append(len(jobs))
         try:
             with self._adapter(first.model):
