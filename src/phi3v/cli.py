@@ -232,7 +232,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             "max_tokens",
         )
     }
-    config = ServeConfig(adapters=adapters, **settings)
+    config = ServeConfig(adapters=adapters, default_max_tokens=min(256, args.max_tokens), **settings)
     try:
         from phi3v.serve.app import serve
     except ImportError as err:

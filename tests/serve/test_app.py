@@ -209,3 +209,42 @@ def test_api_key_and_local_files_are_settings(server, served_model, tmp_path):
         by_data = client(server).chat.completions.create(model="a", messages=ask([png_data_url(6)]), max_tokens=8)
         assert by_file.choices[0].message.content == by_data.choices[0].message.content
     assert client(server).models.list().data[0].id == "base"  # the first server still serves
+
+
+def test_the_phi3v_serve_command_answers_the_openai_client(served_model, server):
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as probe:  # a port that was free a moment ago
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "phi3v", "serve", "--model", str(served_model / "base"), "--adapter",
+               f"mine={served_model / 'a'}", "--port", str(port), "--max-tokens", "16"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        remote = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                names = [m.id for m in remote.models.list()]
+                break
+            except openai.APIConnectionError:
+                assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0]
+                time.sleep(0.2)
+        assert names == ["base", "mine"]
+        reply = remote.chat.completions.create(model="mine", messages=ask([png_data_url(1)]), max_tokens=6)
+        in_process = client(server).chat.completions.create(model="a", messages=ask([png_data_url(1)]), max_tokens=6)
+        assert reply.choices[0].message.content == in_process.choices[0].message.content
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.mark.parametrize("adapter", ["noequals", "=dir", "name="])
+def test_serve_refuses_a_malformed_adapter_flag(adapter, capsys):
+    assert main(["serve", "--model", "m", "--adapter", adapter]) == 2
+    assert "expected NAME=DIR" in capsys.readouterr().err
