@@ -217,7 +217,7 @@ def gallery_items(run: Run, cap: int) -> tuple[list[dict], int]:
         for q in queues:
             if q and len(chosen) < cap:
                 chosen.append(q.pop(0))
-    chosen.sort(key=lambda p: (p.get("score", 0.0), p["task"]))
+    chosen.sort(key=lambda p: p.get("score", 0.0))  # stable: equal scores keep the tasks in turn
     return chosen, len(pool)
 
 
