@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import base64
 
+import pytest
+
+pytest.importorskip("selenium", reason="selenium is not installed (the dev extra has it)")
+
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from tests.chromium import browser  # noqa: F401 - the fixture
