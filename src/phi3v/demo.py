@@ -97,7 +97,7 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict[str,
     train_file = _mix(data, "train")
     val_file = _mix(data, "val", interleave=True)
     steps = int(settings.epochs * (sum(1 for _ in train_file.open()) // settings.batch_size))
-    every = max(1, steps // 4)  # four evaluations during training: a curve per task in the report
+    every = max(1, -(-steps // 4))  # four evaluations during training: a curve per task in the report
     config = TrainConfig(
         model="tiny", train_data=str(train_file), val_data=str(val_file), image_root=str(data / "images"),
         task="generic", strategy="full", precision="fp32", num_crops=1, max_length=256,
