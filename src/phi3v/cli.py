@@ -200,7 +200,47 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from phi3v.report import write_report
 
-    print(f"wrote {write_report(args.run_dir)}")
+    print(f"wrote {write_report(args.run_dirs, args.out, args.eval, args.gallery)}")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from phi3v.serve import ServeConfig
+
+    adapters = {}
+    for item in args.adapter:
+        name, sep, directory = item.partition("=")
+        if not sep or not name or not directory:
+            raise ValueError(f"--adapter {item!r}: expected NAME=DIR")
+        if name in adapters:
+            raise ValueError(f"--adapter {item!r}: the name {name!r} is given twice")
+        adapters[name] = directory
+    settings = {
+        k: getattr(args, k)
+        for k in (
+            "model",
+            "model_name",
+            "host",
+            "port",
+            "api_key",
+            "allow_local_files",
+            "num_crops",
+            "dtype",
+            "device",
+            "max_batch_size",
+            "max_body_bytes",
+            "max_image_bytes",
+            "max_images",
+            "max_prompt_tokens",
+            "max_tokens",
+        )
+    }
+    config = ServeConfig(adapters=adapters, default_max_tokens=min(256, args.max_tokens), **settings)
+    try:
+        from phi3v.serve.app import serve
+    except ImportError as err:
+        raise ValueError(f"phi3v serve needs the serve extra ({err}): pip install 'phi3v[serve]'") from err
+    serve(config)
     return 0
 
 
@@ -334,9 +374,44 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default=None, help="write the results as JSON")
     bench.set_defaults(func=_cmd_bench)
 
-    rep = sub.add_parser("report", help="HTML report of a training run")
-    rep.add_argument("run_dir")
+    rep = sub.add_parser("report", help="self-contained HTML report of one or several training runs")
+    rep.add_argument("run_dirs", nargs="+", metavar="RUN", help="run folders (several: compared side by side)")
+    rep.add_argument("--out", default=None, help="HTML file (default RUN/report/index.html; phi3v-report.html for "
+                     "several runs)")  # fmt: skip
+    rep.add_argument(
+        "--eval",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="an evaluation folder (phi3v eval --out) outside RUN/eval/ (one run only; repeat)",
+    )
+    rep.add_argument("--gallery", type=int, default=60, help="predictions shown per run (default 60)")
     rep.set_defaults(func=_cmd_report)
+
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server for a model and its LoRA adapters")
+    srv.add_argument("--model", required=True, help="base model directory (official format)")
+    srv.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="a PEFT adapter served under NAME (repeat for several)",
+    )
+    srv.add_argument("--model-name", default=None, help="the base's name in the API (default: its folder's name)")
+    srv.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1: this machine only)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    srv.add_argument("--allow-local-files", action="store_true", help="accept file:// image URLs")
+    srv.add_argument("--num-crops", type=int, default=None, help="override the processor's num_crops")
+    srv.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    srv.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default cpu)")
+    srv.add_argument("--max-batch-size", type=int, default=8, help="requests generated together")
+    srv.add_argument("--max-body-bytes", type=int, default=20_000_000)
+    srv.add_argument("--max-image-bytes", type=int, default=10_000_000)
+    srv.add_argument("--max-images", type=int, default=8, help="images per request")
+    srv.add_argument("--max-prompt-tokens", type=int, default=16_384)
+    srv.add_argument("--max-tokens", type=int, default=2048, help="largest max_tokens a request may ask")
+    srv.set_defaults(func=_cmd_serve)
 
     data = sub.add_parser("data", help="check data files").add_subparsers(dest="action", required=True)
     check = data.add_parser("check", help="report every problem of a jsonl file (file:line) and statistics")

@@ -5,13 +5,14 @@
 2. builds the tiny model and tokenizer;
 3. trains one model on the three tasks together (full fine-tuning);
 4. evaluates each task on its held-out test split with batched greedy generation and exact-match accuracy;
-5. writes the training report.
+5. writes the report (metrics and curves per task, a gallery of predictions, confusion matrices).
 
 Everything lands under ``--out``; ``OUT/metrics.json`` maps each task to its held-out accuracy.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from dataclasses import dataclass
@@ -42,14 +43,25 @@ class DemoSettings:
         return cls(scans=1000, epochs=8.0, eval_samples=100)
 
 
-def _mix(data: Path, split: str) -> Path:
-    """One jsonl with the three tasks' samples of a split (ids prefixed by task)."""
-    lines = []
+def _mix(data: Path, split: str, interleave: bool = False) -> Path:
+    """One jsonl with the three tasks' samples of a split (ids prefixed by task, ``source`` set to the task).
+
+    ``interleave`` takes the tasks in turn, so that the first N samples (an evaluation's ``eval_max_samples``)
+    hold all three; otherwise the tasks follow one another.
+    """
+    per_task = []
     for task in TASKS:
+        records = []
         for line in (data / f"{task}_{split}.jsonl").read_text().splitlines():
             record = json.loads(line)
             record["id"] = f"{task}-{record['id']}"
-            lines.append(json.dumps(record))
+            record["source"] = task  # evaluations then report each task's metrics too
+            records.append(json.dumps(record))
+        per_task.append(records)
+    if interleave:
+        lines = [r for group in itertools.zip_longest(*per_task) for r in group if r is not None]
+    else:
+        lines = [r for records in per_task for r in records]
     path = data / f"demo_{split}.jsonl"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
@@ -76,13 +88,15 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict[str,
 
     print("[2/5] building the tiny model and tokenizer (random weights, same structure as Phi-3.5-vision)")
     train_file = _mix(data, "train")
-    val_file = _mix(data, "val")
+    val_file = _mix(data, "val", interleave=True)
+    steps = int(settings.epochs * (sum(1 for _ in train_file.open()) // settings.batch_size))
+    every = max(1, -(-steps // 4))  # four evaluations during training: a curve per task in the report
     config = TrainConfig(
         model="tiny", train_data=str(train_file), val_data=str(val_file), image_root=str(data / "images"),
         task="generic", strategy="full", precision="fp32", num_crops=1, max_length=256,
         per_device_batch_size=settings.batch_size, global_batch_size=settings.batch_size, epochs=settings.epochs,
         lr=settings.lr, warmup_steps=10, schedule="cosine", weight_decay=0.0, gradient_checkpointing=False,
-        output_dir=str(out / "run"), save_every=0, eval_every=0, eval_max_samples=settings.eval_samples or 200,
+        output_dir=str(out / "run"), save_every=0, eval_every=every, eval_max_samples=settings.eval_samples or 200,
         log_every=10, num_workers=0, seed=settings.seed,
     )  # fmt: skip
 
@@ -100,7 +114,7 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict[str,
         accuracies[task_name] = result.metrics["accuracy"]
 
     print("[5/5] writing the report")
-    report = write_report(out / "run")
+    report = write_report(out / "run", evals=[out / "eval" / task_name for task_name in TASKS])
     atomic_write_text(out / "metrics.json", json.dumps(accuracies, indent=2) + "\n")
     minutes = (time.perf_counter() - start) / 60
     print(f"\nheld-out accuracy after {summary['steps']} steps ({minutes:.1f} min):")

@@ -64,3 +64,31 @@ def _read_umask() -> int:
 
 
 _UMASK = _read_umask()  # read once at import: changing the umask is not thread-safe
+
+
+def environment() -> dict:
+    """Versions and hardware of this process, for the run's ``environment.json`` and the report."""
+    import platform
+    from importlib import metadata
+
+    import torch
+
+    versions = {}
+    for package in ("phi3v", "torch", "transformers", "peft", "accelerate", "deepspeed", "bitsandbytes"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    versions["python"] = platform.python_version()
+    cuda = torch.cuda.is_available()
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else []
+    return {
+        "versions": versions,
+        "hardware": {
+            "platform": platform.platform(),
+            "cpu": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "gpus": gpus,
+            "cuda": torch.version.cuda if gpus else None,
+        },
+    }

@@ -113,3 +113,21 @@ def test_eval_modules_import_along_the_data_flow():
     assert imports("generate") == set()
     assert imports("inference") == set()
     assert imports("evaluate") == {"generate"}
+
+
+def test_a_mixed_file_is_scored_per_source_too(loaded, digits, tmp_path):
+    model, processor = loaded
+    lines = []
+    for name, source in (("digits_val", "one"), ("digits_pair_val", "pair")):
+        for line in (digits / f"{name}.jsonl").read_text().splitlines()[:4]:
+            lines.append(json.dumps({**json.loads(line), "source": source}))
+    (tmp_path / "mixed.jsonl").write_text("\n".join(lines) + "\n")
+    dataset = JsonlDataset(tmp_path / "mixed.jsonl", digits / "images")
+    result = evaluate(model, processor, dataset, get_task("generic"), max_new_tokens=3)
+    assert [p["source"] for p in result.predictions] == ["one"] * 4 + ["pair"] * 4
+    assert [len(p["images"]) for p in result.predictions] == [1] * 4 + [2] * 4
+    assert all(Image.open(path).format == "PNG" for p in result.predictions for path in p["images"])
+    for source, part in (("one", result.predictions[:4]), ("pair", result.predictions[4:])):
+        assert result.by_source[source]["accuracy"] == pytest.approx(sum(p["score"] for p in part) / 4)
+    write_evaluation(result, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["by_source"] == result.by_source

@@ -42,11 +42,17 @@ def test_export_refuses_a_merge_that_does_not_reproduce_the_adapter(lora_run, tm
     assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".tmp-*"))
 
 
-def test_report_writes_html_and_png_curves(lora_run, capsys):
+def test_report_of_a_real_run_shows_its_last_evaluation_during_training(lora_run, capsys):
     assert main(["report", str(lora_run)]) == 0
     page = (lora_run / "report" / "index.html").read_text()
-    assert page.startswith("<!DOCTYPE html>") and "loss.png" in page and "metrics.png" in page
-    for name in ("loss.png", "lr.png", "metrics.png"):
-        assert Image.open(lora_run / "report" / name).format == "PNG"
+    saved = [
+        json.loads(line) for line in (lora_run / "eval" / "training" / "predictions.jsonl").read_text().splitlines()
+    ]
+    assert len(saved) == 6  # eval_max_samples: the last evaluation's predictions, kept for the gallery
+    assert all(Image.open(p).format == "PNG" for p in saved[0]["images"])
+    assert page.startswith("<!DOCTYPE html>") and page.count("class='card ") == 6
+    assert "during training (step 12)" in page and "Confusion matrices" in page  # digits has a label set
     summary = json.loads((lora_run / "summary.json").read_text())
     assert f"{summary['losses'][-1]:.4g}" in page
+    environment = json.loads((lora_run / "environment.json").read_text())
+    assert f"torch {environment['versions']['torch']}" in page

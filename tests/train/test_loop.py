@@ -55,6 +55,9 @@ def test_run_directory_has_config_logs_and_checkpoints(digits, tmp_path):
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
     assert [r["step"] for r in log if "eval/accuracy" in r] == [2, 4]
+    # the last evaluation's predictions, for the report's gallery, and the versions it ran with
+    assert len((run / "eval" / "training" / "predictions.jsonl").read_text().splitlines()) == 4
+    assert json.loads((run / "environment.json").read_text())["versions"]["torch"] == torch.__version__
     kept = [p.name for p in list_checkpoints(run)]
     best = summary["best_checkpoint"].rsplit("/", 1)[-1]
     assert kept[:2] == ["step-0000004", "step-0000003"] and best in kept and len(kept) <= 3

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,10 +24,11 @@ from phi3v.utils import atomic_write, atomic_write_text
 
 @dataclass
 class Evaluation:
-    """Predictions and the task's metrics."""
+    """Predictions and the task's metrics (overall, and per ``source`` when the samples come from several)."""
 
     metrics: dict[str, float]
     predictions: list[dict]
+    by_source: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def evaluate(
@@ -75,8 +76,9 @@ def evaluate(
     local = []
     for i, answer, positive in zip(mine, answers, positive_scores, strict=True):
         record = dataset.records[i]
-        entry = {"id": record.id, "prompt": record.turns[-1].user, "prediction": answer,
-                 "references": record.references, "score": task.sample_score(answer, record.references)}  # fmt: skip
+        entry = {"id": record.id, "source": record.source, "prompt": record.turns[-1].user, "prediction": answer,
+                 "references": record.references, "score": task.sample_score(answer, record.references),
+                 "images": [str(dataset.image_root / path) for path in record.image_paths]}  # fmt: skip
         if positive is not None:
             entry["positive_score"] = positive
         local.append(entry)
@@ -88,24 +90,34 @@ def evaluate(
         predictions = [by_index[i] for i in indices]
     else:
         predictions = local
+    metrics = _score(task, predictions)
+    sources = sorted({p["source"] for p in predictions})
+    by_source = {}
+    if len(sources) > 1:
+        by_source = {s: _score(task, [p for p in predictions if p["source"] == s]) for s in sources}
+    if was_training:
+        model.train()
+    return Evaluation(metrics, predictions, by_source)
+
+
+def _score(task: Task, predictions: list[dict]) -> dict[str, float]:
     positives = [p.get("positive_score") for p in predictions]
-    metrics = task.score(
+    return task.score(
         [p["prediction"] for p in predictions],
         [p["references"] for p in predictions],
         positive_scores=positives if positives and all(v is not None for v in positives) else None,
     )
-    if was_training:
-        model.train()
-    return Evaluation(metrics, predictions)
 
 
 def write_evaluation(evaluation: Evaluation, out_dir: str | os.PathLike, labels: Sequence[str] | None = None) -> list:
-    """``predictions.jsonl``, ``metrics.json`` and, for label-set scoring, ``confusion_matrix.png``."""
+    """``predictions.jsonl``, ``metrics.json`` (with ``by_source`` when there are several sources) and, for
+    label-set scoring, ``confusion_matrix.png``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lines = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in evaluation.predictions)
     atomic_write_text(out / "predictions.jsonl", lines)
-    atomic_write_text(out / "metrics.json", json.dumps(evaluation.metrics, indent=2) + "\n")
+    metrics = {**evaluation.metrics, **({"by_source": evaluation.by_source} if evaluation.by_source else {})}
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     written = [out / "predictions.jsonl", out / "metrics.json"]
     if labels:
         written.append(confusion_matrix_png(evaluation, labels, out / "confusion_matrix.png"))

@@ -30,27 +30,54 @@ def generate_answers(
     Args:
         streamer: A transformers streamer that prints tokens as they come (use with ``batch_size=1``).
     """
-    device = next(p for p in model.parameters()).device
-    dtype = without_adapters(model).dtype
     answers: list[str] = []
     for start in range(0, len(conversations), batch_size):
-        chunk = conversations[start : start + batch_size]
-        samples = [processor.encode(c, generation=True) for c in chunk]
-        batch = processor.collate(samples, padding_side="left")
-        inputs = {k: batch[k].to(device) for k in MODEL_INPUTS if batch[k] is not None}
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-        output = model.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=processor.eos_token_ids,
-            pad_token_id=processor.pad_token_id,
-            streamer=streamer,
-        )
-        width = inputs["input_ids"].shape[1]
-        answers += [processor.decode(row[width:]) for row in output]
+        rows = generate_tokens(model, processor, conversations[start : start + batch_size], max_new_tokens, streamer)
+        answers += [processor.decode(row) for row in rows]
     return answers
+
+
+@torch.no_grad()
+def generate_tokens(
+    model: torch.nn.Module,
+    processor: Phi3VProcessor,
+    conversations: Sequence[Conversation],
+    max_new_tokens: int = 64,
+    streamer=None,
+    **generate_kwargs,
+) -> list[list[int]]:
+    """The new token ids of each conversation's answer, generated as one left-padded batch.
+
+    Greedy unless ``generate_kwargs`` say otherwise (``do_sample``, ``temperature``, ``top_p``,
+    ``stopping_criteria``: the server passes its sampling settings through here). A row ends at its first
+    ``<|end|>`` / ``<|endoftext|>``, which is kept; the padding after it is not.
+
+    Returns:
+        Per conversation, the generated ids (at most ``max_new_tokens``).
+    """
+    device = next(p for p in model.parameters()).device
+    dtype = without_adapters(model).dtype
+    samples = [processor.encode(c, generation=True) for c in conversations]
+    batch = processor.collate(samples, padding_side="left")
+    inputs = {k: batch[k].to(device) for k in MODEL_INPUTS if batch[k] is not None}
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    settings = {"do_sample": False, **generate_kwargs}
+    output = model.generate(
+        **inputs,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=processor.eos_token_ids,
+        pad_token_id=processor.pad_token_id,
+        streamer=streamer,
+        **settings,
+    )
+    width = inputs["input_ids"].shape[1]
+    ends = set(processor.eos_token_ids)
+    rows = []
+    for row in output[:, width:].tolist():
+        end = next((k for k, token in enumerate(row) if token in ends), None)
+        rows.append(row if end is None else row[: end + 1])
+    return rows
 
 
 @torch.no_grad()

@@ -43,7 +43,7 @@ from phi3v.train import runlog
 from phi3v.train.config import TrainConfig
 from phi3v.train.engine import make_accelerator, restore_training_state, training_state
 from phi3v.train.strategy import apply_strategy, component, parameter_counts
-from phi3v.utils import atomic_write_text
+from phi3v.utils import atomic_write_text, environment
 
 logger = logging.getLogger("phi3v")
 
@@ -187,6 +187,7 @@ def train(config: TrainConfig) -> dict:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             config.save(run_dir / "config.yaml")
+            atomic_write_text(run_dir / "environment.json", json.dumps(environment(), indent=2) + "\n")
         except OSError as err:  # found at the time of use too: a folder may change after validation
             problem = err.strerror or err
             raise TrainingError(f"output_dir={config.output_dir!r}: cannot write there ({problem})") from err
@@ -437,13 +438,18 @@ def _resume_target(config: TrainConfig, run_dir: Path) -> Path | None:
 
 def _evaluate(model, processor, val, task, config, state, writer, log_file, main) -> bool:
     """Evaluate with the task's metric; True when it is the best so far (its checkpoint is then kept)."""
-    from phi3v.eval.evaluate import evaluate
+    from phi3v.eval.evaluate import evaluate, write_evaluation
 
     result = evaluate(model, processor, val, task, max_samples=config.eval_max_samples)
     value = next(iter(result.metrics.values()))  # the task's main metric comes first
     state.evaluations.append({"step": state.step, **result.metrics})
     if main:
-        _log(writer, log_file, {"step": state.step, **{f"eval/{k}": v for k, v in result.metrics.items()}})
+        record = {"step": state.step, **{f"eval/{k}": v for k, v in result.metrics.items()}}
+        for source, values in result.by_source.items():  # per task, when the validation file mixes several
+            record.update({f"eval/{source}/{k}": v for k, v in values.items()})
+        _log(writer, log_file, record)
+        # the latest evaluation's predictions (each replaces the one before), for the report's gallery
+        write_evaluation(result, log_file.parent / "eval" / "training", task.labels)
     if state.best is None or value > state.best:
         state.best = value
         state.best_checkpoint = str(ckpt.checkpoint_dir(config.output_dir, state.step).resolve())
