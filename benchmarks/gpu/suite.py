@@ -12,6 +12,7 @@ second run that measures what the first skipped. ``--dry-run`` runs the same cod
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -118,6 +119,7 @@ def run_plan(report: Report, plan, defaults, run) -> None:
             report.data["errors"].append({"label": label, "error": kind, "message": str(error)[-2000:],
                                           "traceback": traceback.format_exc()[-4000:]})  # fmt: skip
             print(f"[{report.data['step']}] {label}: FAILED ({kind}: {str(error)[:300]})", flush=True)
+            gc.collect()  # the failed run's model may hang on reference cycles
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         report.write()
@@ -237,8 +239,8 @@ def step_tests(report: Report, dry_run: bool) -> int:
 
     outer = report
     args = ["-m", "gpu", "-q", "-p", "no:cacheprovider", "tests"]
-    if importlib.util.find_spec("pytest_timeout") and not dry_run:
-        args[:0] = ["-p", "pytest_timeout", "--timeout", "150"]
+    if importlib.util.find_spec("pytest_timeout") and not dry_run:  # the machine has it; it loads itself
+        args[:0] = ["--timeout", "150"]
     if dry_run:
         os.environ["PHI3V_GPU_TESTS_ON_CPU"] = "1"
     if os.environ.get("PHI3V_GPU_TESTS_SELECT"):  # a -k expression: the normal suite's check of the dry run

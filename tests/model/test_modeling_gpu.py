@@ -132,7 +132,10 @@ def test_each_cuda_sdpa_backend_matches_eager_in_bf16(backend):
 def test_full_size_decoder_and_clip_layer_in_bf16_match_float32():
     """Phi-3.5-vision's shapes (3072 wide, 32 heads of 96, CLIP-L/14-336) with one decoder and one CLIP layer, on a
     DocVQA-shaped sample (a 4x4-crop image, about 2,450 tokens): bf16 autocast against float32, forward and
-    backward. Catches what the tiny model's sizes cannot (kernels picked by size, long-sequence attention)."""
+    backward. Catches what the tiny model's sizes cannot (kernels picked by size, long-sequence attention).
+
+    The limits are the tiny model's, not yet calibrated at this size (the float32 + bf16 pair did not finish in
+    20 minutes on the 2-core CPU here); a failure shows the measured errors."""
     device = gpu_device(cpu_ok=False)
     config = preset_config("phi-3.5-vision")
     config.num_hidden_layers = 1
@@ -157,5 +160,5 @@ def test_full_size_decoder_and_clip_layer_in_bf16_match_float32():
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss = model(**inputs).loss
     loss.backward()
-    assert torch.isfinite(loss) and abs(loss.item() - want.item()) / want.item() < 2e-2
-    assert relative_error(_grads(model), want_grads) < 3e-2
+    loss_error, grad_error = abs(loss.item() - want.item()) / want.item(), relative_error(_grads(model), want_grads)
+    assert torch.isfinite(loss) and loss_error < 2e-2 and grad_error < 3e-2, (loss_error, grad_error)
