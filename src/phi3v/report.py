@@ -29,7 +29,7 @@ from pathlib import Path
 import yaml
 from PIL import Image
 
-from phi3v.tasks import TASKS, Task
+from phi3v.tasks import TASKS, Task, exact_answer
 from phi3v.train.runlog import read_log
 from phi3v.utils import atomic_write_text
 
@@ -78,13 +78,7 @@ def load_run(run_dir: str | os.PathLike, extra_evals: list[str | os.PathLike] = 
     log_file = path / "log.jsonl"
     if not log_file.exists():
         raise FileNotFoundError(f"{log_file}: not found; is {path} a phi3v training run?")
-    log = []
-    for number, line in enumerate(log_file.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                log.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{log_file}:{number}: not JSON ({err})") from err
+    log = read_log(log_file)  # a torn last line (a killed run) is dropped with a warning
     summary = _json(path / "summary.json")
     config_text = (path / "config.yaml").read_text() if (path / "config.yaml").exists() else ""
     config = yaml.safe_load(config_text) or {} if config_text else {}
@@ -111,7 +105,14 @@ def _json(path: Path) -> dict:
 def _jsonl(path: Path) -> list[dict]:
     if not path.exists():
         return []
-    return read_log(path)
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: not JSON ({err})") from err
+    return records
 
 
 # -- Numbers -------------------------------------------------------------------------------------------------------
@@ -190,9 +191,9 @@ def confusion(evaluation: EvalFolder, task: Task) -> tuple[list[str], list[list[
     index = {label: k for k, label in enumerate(labels)}
     counts = [[0] * (len(labels) + 1) for _ in labels]
     for p in evaluation.predictions:
-        truth = task.normalize(p["references"][0]) if p.get("references") else None
+        truth = exact_answer(p["references"][0]) if p.get("references") else None
         if truth in index:
-            counts[index[truth]][index.get(task.normalize(p["prediction"]), len(labels))] += 1
+            counts[index[truth]][index.get(exact_answer(p["prediction"]), len(labels))] += 1
     return labels, counts
 
 
