@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from phi3v.data.convert import check_written, run
@@ -31,8 +31,12 @@ class DemoSettings:
     """The demo's knobs; the defaults are the documented demo, ``quick()`` the test suite's reduced run."""
 
     scans: int | None = None  # all 1,797
-    pairs_per_scan: int = 2  # the comparison task needs more examples than the other two
-    epochs: float = 8.0
+    # One pass over a mix in which each digit and each clip comes 8 times, and each pair once: the comparison
+    # task learns from 16 distinct pairs per scan instead of seeing 2 pairs 8 times (which it memorises).
+    pairs_per_scan: int = 16
+    eval_pairs_per_scan: int = 2  # val and test pairs: 538 of each on the full demo
+    repeats: dict[str, int] = field(default_factory=lambda: {"digits": 8, "digits_pair": 1, "digits_video": 8})
+    epochs: float = 1.0
     batch_size: int = 32
     lr: float = 3e-3
     eval_samples: int | None = None  # whole test splits
@@ -40,28 +44,30 @@ class DemoSettings:
 
     @classmethod
     def quick(cls) -> DemoSettings:
-        return cls(scans=1000, epochs=8.0, eval_samples=100)
+        return cls(scans=1000, eval_samples=100)
 
 
-def _mix(data: Path, split: str, interleave: bool = False) -> Path:
+def _mix(data: Path, split: str, repeats: dict[str, int] | None = None) -> Path:
     """One jsonl with the three tasks' samples of a split (ids prefixed by task, ``source`` set to the task).
 
-    ``interleave`` takes the tasks in turn, so that the first N samples (an evaluation's ``eval_max_samples``)
-    hold all three; otherwise the tasks follow one another.
+    ``repeats`` writes each task's samples that many times (the training mix, ids suffixed ``-r{k}`` so that they
+    stay unique), and the trainer shuffles the whole file. Without it the tasks take turns, so that the first N
+    samples (an evaluation's ``eval_max_samples``) hold all three.
     """
     per_task = []
     for task in TASKS:
         records = []
-        for line in (data / f"{task}_{split}.jsonl").read_text().splitlines():
-            record = json.loads(line)
-            record["id"] = f"{task}-{record['id']}"
-            record["source"] = task  # evaluations then report each task's metrics too
-            records.append(json.dumps(record))
+        for k in range(repeats[task] if repeats else 1):
+            for line in (data / f"{task}_{split}.jsonl").read_text().splitlines():
+                record = json.loads(line)
+                record["id"] = f"{task}-{record['id']}" + (f"-r{k}" if repeats else "")
+                record["source"] = task  # evaluations then report each task's metrics too
+                records.append(json.dumps(record))
         per_task.append(records)
-    if interleave:
-        lines = [r for group in itertools.zip_longest(*per_task) for r in group if r is not None]
-    else:
+    if repeats:
         lines = [r for records in per_task for r in records]
+    else:
+        lines = [r for group in itertools.zip_longest(*per_task) for r in group if r is not None]
     path = data / f"demo_{split}.jsonl"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
@@ -82,13 +88,14 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict[str,
     data = out / "data"
 
     print(f"[1/5] converting scikit-learn's handwritten digits into {data}")
-    written = run("digits", data, pairs_per_scan=settings.pairs_per_scan, limit=settings.scans)
+    written = run("digits", data, pairs_per_scan=settings.pairs_per_scan,
+                  eval_pairs_per_scan=settings.eval_pairs_per_scan, limit=settings.scans)  # fmt: skip
     if not check_written(written, data, num_crops=1, processor=Phi3VProcessor.tiny(num_crops=1)):
         raise RuntimeError(f"the converted demo data in {data} failed its check")
 
     print("[2/5] building the tiny model and tokenizer (random weights, same structure as Phi-3.5-vision)")
-    train_file = _mix(data, "train")
-    val_file = _mix(data, "val", interleave=True)
+    train_file = _mix(data, "train", settings.repeats)
+    val_file = _mix(data, "val")
     steps = int(settings.epochs * (sum(1 for _ in train_file.open()) // settings.batch_size))
     every = max(1, -(-steps // 4))  # four evaluations during training: a curve per task in the report
     config = TrainConfig(
@@ -98,6 +105,7 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict[str,
         lr=settings.lr, warmup_steps=10, schedule="cosine", weight_decay=0.0, gradient_checkpointing=False,
         output_dir=str(out / "run"), save_every=0, eval_every=every, eval_max_samples=settings.eval_samples or 200,
         log_every=10, num_workers=0, seed=settings.seed,
+        overwrite=True,  # running the demo again replaces its previous run
     )  # fmt: skip
 
     print(f"[3/5] training on {train_file.name} (all three tasks together)")

@@ -92,6 +92,19 @@ def test_digits_tasks_share_disjoint_splits(tmp_path):
     assert len(video["conversations"][0]["images"]) == 4
 
 
+def test_digits_pairs_per_scan_differ_between_train_and_evaluation(tmp_path):
+    # 400 scans: 280 train, 60 val, 60 test (15 % each held out)
+    convert("digits", tmp_path / "out", limit=400, pairs_per_scan=3, eval_pairs_per_scan=1)
+    counts = {
+        split: len(read_jsonl(tmp_path / "out" / f"digits_pair_{split}.jsonl")) for split in ("train", "val", "test")
+    }
+    assert counts == {"train": 840, "val": 60, "test": 60}
+    first = [r["conversations"][0]["images"][0] for r in read_jsonl(tmp_path / "out" / "digits_pair_train.jsonl")]
+    assert first[0] == first[1] == first[2] != first[3]  # each scan opens 3 pairs in a row
+    with pytest.raises(ConversionError, match="eval_pairs_per_scan must be at least 1, got 0"):
+        convert("digits", tmp_path / "out2", limit=400, eval_pairs_per_scan=0)
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs a named pipe to stop the converter midway")
 def test_a_converter_killed_midway_leaves_nothing_and_a_rerun_completes(tmp_path):
     folder, out = tmp_path / "imgs", tmp_path / "out"

@@ -22,7 +22,12 @@ from phi3v.tasks import get_task
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames", type=int, help="frames per digits_video clip")
-    parser.add_argument("--pairs-per-scan", type=int, help="digits_pair samples per scan of a split")
+    parser.add_argument("--pairs-per-scan", type=int, help="digits_pair samples per scan of the train split")
+    parser.add_argument(
+        "--eval-pairs-per-scan",
+        type=int,
+        help="digits_pair samples per scan of the val and test splits (default: --pairs-per-scan)",
+    )
     parser.add_argument("--val-fraction", type=float)
     parser.add_argument("--test-fraction", type=float)
     parser.add_argument("--limit", type=int, help="use only the first N scans (quick runs)")
@@ -35,6 +40,7 @@ def convert(
     *,
     frames: int = 4,
     pairs_per_scan: int = 1,
+    eval_pairs_per_scan: int | None = None,
     val_fraction: float = 0.15,
     test_fraction: float = 0.15,
     limit: int | None = None,
@@ -46,7 +52,10 @@ def convert(
         out: Where records and images go.
         src: Unused (the scans ship with scikit-learn); ``None``.
         frames: Frames per ``digits_video`` clip.
-        pairs_per_scan: ``digits_pair`` samples per scan of a split.
+        pairs_per_scan: ``digits_pair`` samples per scan of the train split (each pairs the scan with a
+            random other one: more pairs per scan give more distinct pairs to learn from).
+        eval_pairs_per_scan: ``digits_pair`` samples per scan of the val and test splits; default
+            ``pairs_per_scan``.
         val_fraction: Share of the scans held out as val.
         test_fraction: Share of the scans held out as test.
         limit: Use only the first ``limit`` scans (quick runs).
@@ -54,6 +63,9 @@ def convert(
     """
     if src is not None:
         raise ConversionError(f"digits reads scikit-learn's own scans; --src {src} is not used")
+    for name, value in (("pairs_per_scan", pairs_per_scan), ("eval_pairs_per_scan", eval_pairs_per_scan)):
+        if value is not None and value < 1:
+            raise ConversionError(f"{name} must be at least 1, got {value}")
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -80,7 +92,8 @@ def convert(
             out.add(
                 split, single_turn(f"{split}-{i:04d}", "digits", [paths[i]], single.prompt(), str(targets[i])), "digits"
             )
-        for n, i in enumerate(i for i in indices for _ in range(pairs_per_scan)):
+        per_scan = pairs_per_scan if split == "train" or eval_pairs_per_scan is None else eval_pairs_per_scan
+        for n, i in enumerate(i for i in indices for _ in range(per_scan)):
             same = rng.random() < 0.5 and len(by_class[int(targets[i])]) > 1
             pool = (
                 [j for j in by_class[int(targets[i])] if j != i]
