@@ -21,7 +21,7 @@ from phi3v.data.paths import PathEscapeError, resolve_inside
 from phi3v.data.schema import Record, parse_record
 from phi3v.processing.chat import render
 from phi3v.processing.image import ImageError, load_image
-from phi3v.processing.processor import Phi3VProcessor, _truncation_problem
+from phi3v.processing.processor import Phi3VProcessor, truncation_problem
 
 
 @dataclass
@@ -160,7 +160,7 @@ def check_file(
             if on_overflow == "error":
                 report.problems.append(f"{path}:{record.line}: {length} tokens, longer than max_length {max_length} "
                                        "(on_overflow: error; or choose drop or truncate)")  # fmt: skip
-            elif on_overflow == "truncate" and (cut := _truncation_problem(rendered, max_length, generation=False)):
+            elif on_overflow == "truncate" and (cut := truncation_problem(rendered, max_length, generation=False)):
                 report.problems.append(f"{path}:{record.line}: {cut}")
         report.samples += 1
         report.images_per_sample[len(record.image_paths)] += 1

@@ -15,8 +15,9 @@ from torch.utils.data import Dataset
 from phi3v.data.paths import PathEscapeError, resolve_inside
 from phi3v.data.schema import Record, parse_record
 from phi3v.processing.chat import Conversation
+from phi3v.processing.collate import Sample
 from phi3v.processing.image import ImageError, load_image
-from phi3v.processing.processor import Phi3VProcessor, Sample, _truncation_problem
+from phi3v.processing.processor import Phi3VProcessor, truncation_problem
 
 logger = logging.getLogger("phi3v")
 OnOverflow = Literal["error", "truncate", "drop"]
@@ -199,7 +200,7 @@ class JsonlDataset(Dataset):
                         problems.append(f"{where}: {length} tokens, longer than max_length {self.max_length} "
                                         "(on_overflow: error; or choose drop or truncate)")  # fmt: skip
                         continue
-                    cut = _truncation_problem(rendered, self.max_length, generation=False)
+                    cut = truncation_problem(rendered, self.max_length, generation=False)
                     if cut:
                         problems.append(f"{where}: {cut}")
                         continue
