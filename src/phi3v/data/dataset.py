@@ -98,7 +98,7 @@ class JsonlDataset(Dataset):
         image_root: Folder the image paths are relative to.
         processor: When given, items are encoded ``Sample``\\ s; otherwise ``Conversation``\\ s with PIL images.
         max_length: Samples are cut at it (``screen`` decides up front which may be: see ``on_overflow`` there).
-        system: Optional system message for every conversation.
+        system: The default system message, for records without their own ``system`` (a record's own wins).
         uint8_pixels: Encode crops as uint8 for ``Phi3VImageProcessor.finish`` on the device (training).
     """
 
@@ -186,7 +186,7 @@ class JsonlDataset(Dataset):
             if self.processor is not None and self.max_length is not None:
                 try:
                     rendered = self.processor.render(
-                        record.conversation(), image_sizes=[sizes[p] for p in record.image_paths]
+                        record.conversation(None, self.system), image_sizes=[sizes[p] for p in record.image_paths]
                     )
                 except ValueError as err:
                     problems.append(f"{where}: {err}")

@@ -165,7 +165,7 @@ def train(config: TrainConfig) -> dict:
     world_guess = int(os.environ.get("WORLD_SIZE", "1"))
     config.validate(world_guess)
     accumulation = config.gradient_accumulation_steps(world_guess)
-    dataset = JsonlDataset(config.train_data, config.image_root, max_length=config.max_length)
+    dataset = JsonlDataset(config.train_data, config.image_root, max_length=config.max_length, system=config.system)
     # Text-only samples leave the image side without gradients in some steps; DDP must then look for unused
     # parameters (a little slower, so only when the data needs it).
     text_only = any(not record.image_paths for record in dataset.records)
@@ -226,7 +226,8 @@ def train(config: TrainConfig) -> dict:
     if config.val_data:
         # Validation prompts are never cut (generation needs the whole prompt): under truncate they stay whole.
         val_length = None if config.on_overflow == "truncate" else config.max_length
-        val = JsonlDataset(config.val_data, config.image_root, processor=processor, max_length=val_length)
+        val = JsonlDataset(config.val_data, config.image_root, processor=processor, max_length=val_length,
+                           system=config.system)  # fmt: skip
         val_screened = val.screen(config.on_overflow, config.skip_bad_images, workers=max(1, config.num_workers))
         val.processor = None  # evaluation encodes the prompts itself
     samples = {"dropped": screened.dropped, "truncated": screened.truncated, "bad_images": screened.bad_images,
@@ -384,7 +385,7 @@ def _run_identity(config: TrainConfig) -> dict:
     keys = ("model", "train_data", "strategy", "seed", "global_batch_size", "max_steps", "epochs", "lr",
             "schedule", "warmup_steps", "weight_decay", "lora_rank", "lora_alpha", "lora_targets", "vision",
             "projector", "language", "quantize_base", "precision", "num_crops", "max_length", "on_overflow",
-            "skip_bad_images")  # fmt: skip
+            "skip_bad_images", "system")  # fmt: skip
     return {k: v for k, v in config.to_dict().items() if k in keys}
 
 
