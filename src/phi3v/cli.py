@@ -146,9 +146,11 @@ def _init_distributed(args: argparse.Namespace) -> None:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from phi3v.data.dataset import JsonlDataset
-    from phi3v.eval.evaluate import evaluate, write_evaluation
+    from phi3v.eval.evaluate import apply_length_policy, evaluate, write_evaluation
     from phi3v.tasks import get_task
 
+    if args.on_overflow is not None and args.max_length is None:
+        raise ValueError(f"--on-overflow {args.on_overflow} needs --max-length N (the length it applies to)")
     _init_distributed(args)
     model, processor = _model_and_processor(args)
     task = get_task(args.task)
@@ -158,13 +160,20 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if not labels:
             raise ValueError(f"task {task.name} has no label set; pass --labels a,b,c")
     dataset = JsonlDataset(args.data, args.image_root, system=args.system)
+    samples = None
+    if args.max_length is not None:  # checked before any generation: every image decoded, every length counted
+        samples = apply_length_policy(dataset, processor, args.max_length, args.on_overflow or "error")
     result = evaluate(model, processor, dataset, task, batch_size=args.batch_size,
                       max_new_tokens=args.max_new_tokens, max_samples=args.max_samples, labels=labels)  # fmt: skip
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_rank() == 0:
-        written = write_evaluation(result, args.out, labels)
+        written = write_evaluation(result, args.out, labels, samples)
         print(json.dumps(result.metrics, indent=2))
+        if samples is not None:
+            print(f"evaluated {len(result.predictions)} sample(s); longer than max_length {samples['max_length']} "
+                  f"(on_overflow: {samples['on_overflow']}): {samples['dropped']} dropped, {samples['truncated']} "
+                  "truncated (evaluated with the whole prompt)")  # fmt: skip
         print("wrote " + ", ".join(str(p) for p in written))
     if dist.is_initialized():
         dist.barrier()
@@ -347,6 +356,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-samples", type=_positive_int, default=None)
     ev.add_argument("--label-set", action="store_true", help="score each label by log-likelihood instead of generating")
     ev.add_argument("--labels", default=None, help="comma-separated label set (default: the task's)")
+    ev.add_argument("--max-length", type=_positive_int, default=None,
+                    help="longest sample in tokens, as train's max_length (prompt and answer); longer ones follow "
+                    "--on-overflow")  # fmt: skip
+    ev.add_argument("--on-overflow", choices=["error", "truncate", "drop"], default=None,
+                    help="the length policy, as train's on_overflow: error (default) stops naming file and line; "
+                    "drop skips such samples; truncate evaluates one whose prompt fits with its whole prompt "
+                    "(prompts are never cut). Counted in metrics.json under samples")  # fmt: skip
     ev.add_argument("--system", type=_system_text, default=None,
                     help="system message for records without their own `system` field (theirs wins)")  # fmt: skip
     ev.set_defaults(func=_cmd_eval)

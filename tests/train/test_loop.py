@@ -392,3 +392,20 @@ def test_the_config_s_system_is_the_default_of_every_record_without_one(digits, 
     summary = train(tiny_config(digits, tmp_path, train_data=str(path), image_root=str(images), max_steps=1,
                                 system="Be brief.", output_dir=str(tmp_path / "short")))  # fmt: skip
     assert summary["steps"] == 1
+
+
+def test_validation_samples_follow_the_length_policy_as_phi3v_eval_applies_it(digits, tmp_path):
+    """Exactly 2 validation answers are too long, their prompts fit: under truncate they are evaluated with their
+    whole prompt and counted as val_truncated; under drop they are left out and counted as val_dropped."""
+    records = [json.loads(line) for line in (digits / "digits_val.jsonl").read_text().splitlines()[:6]]
+    for line in (2, 4):
+        records[line - 1]["conversations"][-1]["assistant"] = "7" * 600
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(json.dumps(r) + "\n" for r in records))
+    for policy, dropped, truncated, evaluated in (("truncate", 0, 2, 6), ("drop", 2, 0, 4)):
+        run = tmp_path / policy
+        summary = train(tiny_config(digits, tmp_path, strategy="lora", val_data=str(val), on_overflow=policy,
+                                    max_steps=1, output_dir=str(run)))  # fmt: skip
+        assert (summary["val_dropped"], summary["val_truncated"]) == (dropped, truncated)
+        lines = (run / "eval" / "training" / "predictions.jsonl").read_text().splitlines()
+        assert len(lines) == evaluated

@@ -136,7 +136,13 @@ class JsonlDataset(Dataset):
             raise ImageError(f"{self.image_root / relative}: cannot read image ({err})") from err
         return width, height
 
-    def screen(self, on_overflow: OnOverflow = "error", skip_bad_images: bool = False, workers: int = 4) -> Screening:
+    def screen(
+        self,
+        on_overflow: OnOverflow = "error",
+        skip_bad_images: bool = False,
+        workers: int = 4,
+        evaluation: bool = False,
+    ) -> Screening:
         """Check every sample up front, before any step: images decoded (in threads, each distinct path once), token
         lengths against ``max_length`` (needs a processor), the length policy applied. Removes what is dropped or
         skipped, so that every rank keeps the same samples and no batch comes out empty.
@@ -147,6 +153,9 @@ class JsonlDataset(Dataset):
                 keep no answer token, that is an error too).
             skip_bad_images: Remove a sample with a missing or undecodable image instead of stopping.
             workers: Threads decoding images.
+            evaluation: The samples are evaluated, not trained on: under ``truncate`` a longer sample is kept when
+                its prompt (up to the last turn's answer) fits in ``max_length``, to be evaluated with that whole
+                prompt; one whose prompt does not fit is an error (a prompt is never cut).
 
         Returns:
             What was removed or will be cut, counted.
@@ -184,10 +193,10 @@ class JsonlDataset(Dataset):
                 result.bad_images += 1
                 continue
             if self.processor is not None and self.max_length is not None:
+                conversation = record.conversation(None, self.system)
+                image_sizes = [sizes[p] for p in record.image_paths]
                 try:
-                    rendered = self.processor.render(
-                        record.conversation(None, self.system), image_sizes=[sizes[p] for p in record.image_paths]
-                    )
+                    rendered = self.processor.render(conversation, image_sizes=image_sizes)
                 except ValueError as err:
                     problems.append(f"{where}: {err}")
                     continue
@@ -200,7 +209,16 @@ class JsonlDataset(Dataset):
                         problems.append(f"{where}: {length} tokens, longer than max_length {self.max_length} "
                                         "(on_overflow: error; or choose drop or truncate)")  # fmt: skip
                         continue
-                    cut = truncation_problem(rendered, self.max_length, generation=False)
+                    if evaluation:
+                        prompt = self.processor.render(conversation, generation=True, image_sizes=image_sizes)
+                        cut = None
+                        if len(prompt.input_ids) > self.max_length:
+                            cut = truncation_problem(prompt, self.max_length, generation=True) + (
+                                " (on_overflow: truncate never cuts a prompt to evaluate; choose drop or raise "
+                                "max_length)"
+                            )
+                    else:
+                        cut = truncation_problem(rendered, self.max_length, generation=False)
                     if cut:
                         problems.append(f"{where}: {cut}")
                         continue

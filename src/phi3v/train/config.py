@@ -103,9 +103,10 @@ class TrainConfig:
     on_overflow: OnOverflow = "error"
     """The length policy, for training and validation samples longer than ``max_length``, checked before the first
     step: ``error`` stops the run naming file, line and id; ``drop`` removes them; ``truncate`` cuts them at
-    ``max_length`` (a cut that would split an image or keep no answer token is an error). Dropped and truncated
-    samples are counted in ``summary.json``, the log and the report. ``phi3v data check --on-overflow`` applies the
-    same policy."""
+    ``max_length`` (a cut that would split an image or keep no answer token is an error). Validation samples follow
+    it as ``phi3v eval --on-overflow`` does: a prompt is never cut, so under ``truncate`` a longer one is evaluated
+    whole when its prompt fits and is an error when it does not. Dropped and truncated samples are counted in
+    ``summary.json``, the log and the report. ``phi3v data check --on-overflow`` applies the same policy."""
     skip_bad_images: bool = False
     """Remove (and count) samples with a missing or undecodable image instead of stopping the run; every image is
     decoded once before the first step either way."""

@@ -222,18 +222,19 @@ def train(config: TrainConfig) -> dict:
         raise TrainingError(f"{config.train_data}: {len(dataset)} samples, fewer than one global batch "
                             f"({config.global_batch_size})")  # fmt: skip
     total_steps = config.max_steps or max(1, int(config.epochs * steps_per_epoch))
-    val, val_screened = None, None
+    val, val_counts = None, None
     if config.val_data:
-        # Validation prompts are never cut (generation needs the whole prompt): under truncate they stay whole.
-        val_length = None if config.on_overflow == "truncate" else config.max_length
-        val = JsonlDataset(config.val_data, config.image_root, processor=processor, max_length=val_length,
-                           system=config.system)  # fmt: skip
-        val_screened = val.screen(config.on_overflow, config.skip_bad_images, workers=max(1, config.num_workers))
-        val.processor = None  # evaluation encodes the prompts itself
+        # The length policy as `phi3v eval --max-length` applies it; a validation prompt is never cut.
+        from phi3v.eval.evaluate import apply_length_policy
+
+        val = JsonlDataset(config.val_data, config.image_root, system=config.system)
+        val_counts = apply_length_policy(val, processor, config.max_length, config.on_overflow,
+                                         config.skip_bad_images, workers=max(1, config.num_workers))  # fmt: skip
     samples = {"dropped": screened.dropped, "truncated": screened.truncated, "bad_images": screened.bad_images,
                "duplicate_ids": screened.duplicate_ids}  # fmt: skip
-    if val_screened is not None:
-        samples.update(val_dropped=val_screened.dropped, val_bad_images=val_screened.bad_images)
+    if val_counts is not None:
+        samples.update(val_dropped=val_counts["dropped"], val_truncated=val_counts["truncated"],
+                       val_bad_images=val_counts["bad_images"])  # fmt: skip
     task = get_task(config.task)
 
     optimizer, names = make_optimizer(model, config)
