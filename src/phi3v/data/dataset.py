@@ -161,7 +161,7 @@ class JsonlDataset(Dataset):
             What was removed or will be cut, counted.
 
         Raises:
-            DataError: listing every sample that stops the run (``file:line (id): problem``).
+            DataError: listing every sample that stops the run (``file:line (id): problem``; one line for one).
         """
         from concurrent.futures import ThreadPoolExecutor
 
@@ -224,6 +224,8 @@ class JsonlDataset(Dataset):
                         continue
                     result.truncated += 1
             kept.append(record)
+        if len(problems) == 1:  # one line, as the command prints it
+            raise DataError(problems[0])
         if problems:
             shown = "\n".join(problems[:20]) + (f"\n... {len(problems) - 20} more" if len(problems) > 20 else "")
             raise DataError(f"{len(problems)} sample(s) of {self.path} cannot be used:\n{shown}")
