@@ -92,7 +92,7 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
 
     processor, note = _check_processor(args)
     report = check_file(args.data, args.image_root, processor, max_length=args.max_length, workers=args.workers,
-                        on_overflow=args.on_overflow)  # fmt: skip
+                        on_overflow=args.on_overflow, system=args.system)  # fmt: skip
     report.tokenizer_note = note
     for problem in report.problems:
         print(problem)
@@ -146,9 +146,11 @@ def _init_distributed(args: argparse.Namespace) -> None:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from phi3v.data.dataset import JsonlDataset
-    from phi3v.eval.evaluate import evaluate, write_evaluation
+    from phi3v.eval.evaluate import apply_length_policy, evaluate, write_evaluation
     from phi3v.tasks import get_task
 
+    if args.on_overflow is not None and args.max_length is None:
+        raise ValueError(f"--on-overflow {args.on_overflow} needs --max-length N (the length it applies to)")
     _init_distributed(args)
     model, processor = _model_and_processor(args)
     task = get_task(args.task)
@@ -157,14 +159,21 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         labels = [s.strip() for s in args.labels.split(",")] if args.labels else list(task.labels or [])
         if not labels:
             raise ValueError(f"task {task.name} has no label set; pass --labels a,b,c")
-    dataset = JsonlDataset(args.data, args.image_root)
+    dataset = JsonlDataset(args.data, args.image_root, system=args.system)
+    samples = None
+    if args.max_length is not None:  # checked before any generation: every image decoded, every length counted
+        samples = apply_length_policy(dataset, processor, args.max_length, args.on_overflow or "error")
     result = evaluate(model, processor, dataset, task, batch_size=args.batch_size,
                       max_new_tokens=args.max_new_tokens, max_samples=args.max_samples, labels=labels)  # fmt: skip
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_rank() == 0:
-        written = write_evaluation(result, args.out, labels)
+        written = write_evaluation(result, args.out, labels, samples)
         print(json.dumps(result.metrics, indent=2))
+        if samples is not None:
+            print(f"evaluated {len(result.predictions)} sample(s); longer than max_length {samples['max_length']} "
+                  f"(on_overflow: {samples['on_overflow']}): {samples['dropped']} dropped, {samples['truncated']} "
+                  "truncated (evaluated with the whole prompt)")  # fmt: skip
         print("wrote " + ", ".join(str(p) for p in written))
     if dist.is_initialized():
         dist.barrier()
@@ -178,7 +187,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     model, processor = _model_and_processor(args)
     images = [load_image(path) for path in args.image]
-    answer = generate(model, processor, args.question, images, args.max_new_tokens, stream=not args.no_stream)
+    answer = generate(model, processor, args.question, images, args.max_new_tokens, stream=not args.no_stream,
+                      system=args.system)  # fmt: skip
     if args.no_stream:
         print(answer)
     return 0
@@ -286,6 +296,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _system_text(text: str) -> str:
+    """An argparse type: a system message, a non-empty string."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a non-empty system message, got {text!r}")
+    return text
+
+
 def _inference_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model directory (official format) or hub id")
     parser.add_argument("--adapter", default=None, help="PEFT adapter directory (from phi3v train)")
@@ -339,12 +356,23 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-samples", type=_positive_int, default=None)
     ev.add_argument("--label-set", action="store_true", help="score each label by log-likelihood instead of generating")
     ev.add_argument("--labels", default=None, help="comma-separated label set (default: the task's)")
+    ev.add_argument("--max-length", type=_positive_int, default=None,
+                    help="longest sample in tokens, as train's max_length (prompt and answer); longer ones follow "
+                    "--on-overflow")  # fmt: skip
+    ev.add_argument("--on-overflow", choices=["error", "truncate", "drop"], default=None,
+                    help="the length policy, as train's on_overflow: error (default) stops naming file and line; "
+                    "drop skips such samples; truncate evaluates one whose prompt fits with its whole prompt "
+                    "(prompts are never cut). Counted in metrics.json under samples")  # fmt: skip
+    ev.add_argument("--system", type=_system_text, default=None,
+                    help="system message for records without their own `system` field (theirs wins)")  # fmt: skip
     ev.set_defaults(func=_cmd_eval)
 
     gen = sub.add_parser("generate", help="answer a question about images")
     _inference_arguments(gen)
     gen.add_argument("--image", action="append", default=[], help="an image file (repeat for several)")
     gen.add_argument("--no-stream", action="store_true", help="print the answer at the end instead of streaming")
+    gen.add_argument("--system", type=_system_text, default=None,
+                     help="system message, rendered before the question as <|system|>\\n...<|end|>\\n")  # fmt: skip
     gen.add_argument("question")
     gen.set_defaults(func=_cmd_generate, max_new_tokens=256)
 
@@ -425,6 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--model", default=None, help="checkpoint whose tokenizer counts the text tokens")
     check.add_argument("--preset", choices=["tiny"], default=None, help="count tokens for the tiny preset")
     check.add_argument("--workers", type=int, default=8, help="threads decoding images")
+    check.add_argument("--system", type=_system_text, default=None,
+                       help="the run's default system message (train's `system`), counted in the token lengths of "
+                       "records without their own")  # fmt: skip
     check.set_defaults(func=_cmd_data_check)
 
     from phi3v.data.convert import SOURCES

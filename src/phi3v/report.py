@@ -91,6 +91,7 @@ def load_run(run_dir: str | os.PathLike, extra_evals: list[str | os.PathLike] = 
         task = folder.name if folder.name in TASKS else config.get("task") if during else None
         metrics = _json(folder / "metrics.json")
         by_source = metrics.pop("by_source", {})
+        metrics.pop("samples", None)  # counts (evaluated, dropped, truncated), not metrics
         predictions = _jsonl(folder / "predictions.jsonl")
         step = run.eval_records[-1]["step"] if during and run.eval_records else None
         name = f"during training (step {step})" if during else folder.name

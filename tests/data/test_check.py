@@ -159,3 +159,34 @@ def test_data_check_applies_train_s_length_policy(data, tmp_path, capsys):
     assert "longer than max_length 150: 1 (on_overflow: truncate, truncated)" in capsys.readouterr().out
     assert main([*args[:-1], "5", "--on-overflow", "truncate"]) == 1  # a cut through the image is not
     assert f"{path}:1: a sample of" in capsys.readouterr().out
+
+
+def test_a_bad_system_field_is_named_with_file_line_and_value(data, tmp_path, capsys):
+    _, root = data
+    path = tmp_path / "system.jsonl"
+    values = {2: 42, 3: "", 4: "   ", 5: None, 6: ["Be brief."]}
+    lines = [dict(_record("ok"), system="Be brief.")]
+    lines += [dict(_record(f"bad{n}"), system=value) for n, value in values.items()]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert main(["data", "check", str(path), "--image-root", str(root), "--preset", "tiny"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    expected = [f"{path}:{n}: system: expected a non-empty string, got {value!r}" for n, value in values.items()]
+    assert out[:5] == expected
+    assert out[5] == f"{path}: 1 valid sample(s), 5 problem(s)"
+    with pytest.raises(DataError, match=rf"^5 problem\(s\) in {path}:\n{path}:2: system: expected a non-empty"):
+        read_records(path)  # what train and eval read: the same problems
+
+
+def test_data_check_counts_the_system_in_the_token_lengths(data, tmp_path, capsys):
+    """``--system`` (the run's default) lengthens the records without their own ``system``, as training does."""
+    _, root = data
+    path = tmp_path / "system.jsonl"
+    path.write_text(json.dumps(dict(_record("own"), system="Be brief.")) + "\n" + json.dumps(_record("none")) + "\n")
+    args = ["data", "check", str(path), "--image-root", str(root), "--preset", "tiny", "--max-length", "150"]
+    assert main(args) == 0
+    capsys.readouterr()
+    long_system = "You read handwritten digits and answer with the digit alone. " * 4  # 252 characters
+    assert main([*args, "--system", long_system]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"{path}:2: ") and "longer than max_length 150 (on_overflow: error" in out[0]
+    assert out[1] == f"{path}: 2 valid sample(s), 1 problem(s)"  # line 1's own system wins: it fits

@@ -131,3 +131,70 @@ def test_a_mixed_file_is_scored_per_source_too(loaded, digits, tmp_path):
         assert result.by_source[source]["accuracy"] == pytest.approx(sum(p["score"] for p in part) / 4)
     write_evaluation(result, tmp_path / "out")
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["by_source"] == result.by_source
+
+
+@pytest.fixture(scope="module")
+def untrained(tmp_path_factory):
+    """The tiny model and its processor, saved (no training: these tests count samples, not answers)."""
+    from phi3v import build_model
+    from phi3v.processing import Phi3VProcessor
+
+    out = tmp_path_factory.mktemp("untrained")
+    build_model("tiny").save_pretrained(out)
+    Phi3VProcessor.tiny(num_crops=1).save_pretrained(out)
+    return out
+
+
+def _lengthened(digits, tmp_path, field, lines):
+    """The first 10 digits validation records, with a 600-character prompt or answer on the given lines (the tiny
+    model's samples are 80 tokens with num_crops 1: these are far over max_length 128, the others under)."""
+    records = [json.loads(line) for line in (digits / "digits_val.jsonl").read_text().splitlines()[:10]]
+    for line in lines:
+        turn = records[line - 1]["conversations"][-1]
+        turn[field] = turn[field] + " Look closely." * 40 if field == "user" else "7" * 600
+    path = tmp_path / f"long_{field}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path, records
+
+
+def test_eval_applies_train_s_length_policy_and_counts_what_it_drops(untrained, digits, tmp_path, capsys):
+    """Exactly 3 prompts are too long: error names each with file, line and id; drop evaluates the other 7 and
+    counts 3 in metrics.json and on stdout; truncate never cuts a prompt, so it stops too."""
+    path, records = _lengthened(digits, tmp_path, "user", (2, 5, 9))
+    args = ["eval", "--model", str(untrained), "--data", str(path), "--image-root", str(digits / "images"),
+            "--task", "digits", "--max-new-tokens", "2", "--max-length", "128"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "error")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"phi3v: error: 3 sample(s) of {path} cannot be used")
+    for line in (2, 5, 9):
+        assert f"{path}:{line} (id {records[line - 1]['id']}): " in err
+    assert err.count("longer than max_length 128 (on_overflow: error") == 3 and not (tmp_path / "error").exists()
+
+    assert main([*args, "--on-overflow", "drop", "--out", str(tmp_path / "drop")]) == 0
+    out = capsys.readouterr().out
+    metrics = json.loads((tmp_path / "drop" / "metrics.json").read_text())
+    assert metrics["samples"] == {"evaluated": 7, "max_length": 128, "on_overflow": "drop", "dropped": 3,
+                                  "truncated": 0, "bad_images": 0}  # fmt: skip
+    predicted = [json.loads(line)["id"] for line in (tmp_path / "drop" / "predictions.jsonl").read_text().splitlines()]
+    assert predicted == [r["id"] for n, r in enumerate(records, 1) if n not in (2, 5, 9)]
+    assert "evaluated 7 sample(s); longer than max_length 128 (on_overflow: drop): 3 dropped, 0 truncated" in out
+
+    assert main([*args, "--on-overflow", "truncate", "--out", str(tmp_path / "truncate")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("never cuts a prompt to evaluate") == 3 and f"{path}:5 (id {records[4]['id']}): " in err
+
+
+def test_eval_truncate_keeps_a_sample_whose_prompt_fits_and_counts_it(untrained, digits, tmp_path, capsys):
+    """Exactly 2 answers are too long, their prompts fit: truncate evaluates all 10 (2 counted as truncated), drop
+    evaluates 8; --on-overflow alone is refused."""
+    path, _ = _lengthened(digits, tmp_path, "assistant", (3, 7))
+    args = ["eval", "--model", str(untrained), "--data", str(path), "--image-root", str(digits / "images"),
+            "--task", "digits", "--max-new-tokens", "2", "--max-length", "128"]  # fmt: skip
+    for policy, evaluated, dropped, truncated in (("truncate", 10, 0, 2), ("drop", 8, 2, 0)):
+        assert main([*args, "--on-overflow", policy, "--out", str(tmp_path / policy)]) == 0
+        samples = json.loads((tmp_path / policy / "metrics.json").read_text())["samples"]
+        assert (samples["evaluated"], samples["dropped"], samples["truncated"]) == (evaluated, dropped, truncated)
+        assert f"{dropped} dropped, {truncated} truncated" in capsys.readouterr().out
+    assert main([*args[:-2], "--on-overflow", "drop"]) == 2
+    want = "phi3v: error: --on-overflow drop needs --max-length N (the length it applies to)\n"
+    assert capsys.readouterr().err == want

@@ -1,6 +1,7 @@
 """phi3v's ids and labels with the real Phi-3-vision tokenizer files, against an independent re-implementation of
 the official processor and the reference recipe (spec §3.2-3.4, §4.4) built on the `tokenizers` library alone."""
 
+import json
 import re
 from pathlib import Path
 
@@ -8,8 +9,10 @@ import pytest
 from PIL import Image
 from tokenizers import Tokenizer
 
+from phi3v.data.dataset import JsonlDataset
 from phi3v.processing import Conversation, Phi3VImageProcessor, Phi3VProcessor, Turn
 from phi3v.processing.tokenizer import load_tokenizer
+from phi3v.train.config import load_config
 
 REAL = Path(__file__).parents[1] / "fixtures" / "phi-3-vision-tokenizer"
 ORACLE = Tokenizer.from_file(str(REAL / "tokenizer.json"))
@@ -98,3 +101,143 @@ def test_a_prompt_string_in_the_official_form(processor):
     # The official sequence: BOS again after the image run, and ▁ before the text after every special token.
     assert ids[:4] == [1, 32010, 29871, 13] and ids[4 : 4 + count] == [IMAGE_ID] * count
     assert ids[4 + count : 4 + count + 3] == [1, 29871, 13]
+
+
+# ---- the system message from the jsonl file, the training config and the commands (issue 13) ----------------------
+
+SYSTEM = "You are a careful assistant."
+
+
+def _official_one_turn(system, user, count, answer=None):
+    """The official ids (and the reference recipe's labels) of one turn with one image of ``count`` image tokens,
+    its tag prefixed."""
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    messages.append({"role": "user", "content": f"<|image_1|>\n{user}"})
+    prompt = official_prompt_ids(messages, [count])
+    if answer is None:
+        return prompt
+    answer_ids = official_answer_ids(answer)
+    return prompt + answer_ids, [-100] * len(prompt) + answer_ids
+
+
+@pytest.fixture
+def system_file(tmp_path):
+    """Line 1 has its own ``system``, line 2 has none."""
+    _image((400, 300)).save(tmp_path / "a.png")
+    turn = {"images": ["a.png"], "user": "Describe.", "assistant": "A square."}
+    lines = [{"id": "own", "source": "t", "system": SYSTEM, "conversations": [turn]},
+             {"id": "none", "source": "t", "conversations": [turn]}]  # fmt: skip
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def test_a_jsonl_record_s_system_is_rendered_as_the_official_template_and_never_supervised(processor, system_file):
+    dataset = JsonlDataset(system_file, system_file.parent, processor=processor)
+    count = processor.image_processor.num_image_tokens(400, 300)
+    for index, system in ((0, SYSTEM), (1, None)):
+        sample = dataset[index]
+        ids, labels = _official_one_turn(system, "Describe.", count, "A square.")
+        assert sample.input_ids.tolist() == ids and sample.labels.tolist() == labels
+    system_ids = ORACLE.encode(f"<|system|>\n{SYSTEM}<|end|>\n<|user|>\n").ids
+    assert dataset[0].input_ids[: len(system_ids)].tolist() == system_ids  # <s> <|system|> ... right at the start
+    assert set(dataset[0].labels[: len(system_ids)].tolist()) == {-100}
+
+
+def test_the_training_config_s_system_is_the_default_and_a_record_s_own_wins(processor, system_file):
+    config = load_config(None, ["system=Answer: one word."])  # a colon: still text, not a YAML mapping
+    assert config.system == "Answer: one word."
+    dataset = JsonlDataset(system_file, system_file.parent, processor=processor, system=config.system)
+    count = processor.image_processor.num_image_tokens(400, 300)
+    for index, system in ((0, SYSTEM), (1, "Answer: one word.")):
+        ids, labels = _official_one_turn(system, "Describe.", count, "A square.")
+        assert dataset[index].input_ids.tolist() == ids and dataset[index].labels.tolist() == labels
+
+
+@pytest.fixture(scope="module")
+def real_vocabulary_model(tmp_path_factory):
+    """The tiny model with the real vocabulary's size and ids, saved with the real tokenizer's processor."""
+    from phi3v import build_model
+    from phi3v.model.presets import preset_config
+
+    config = preset_config("tiny")
+    config.vocab_size, config.image_token_id, config.pad_token_id = 32064, IMAGE_ID, 32000
+    out = tmp_path_factory.mktemp("real-vocabulary")
+    build_model(config).save_pretrained(out)
+    image_processor = Phi3VImageProcessor(num_crops=4, crop_size=config.crop_size)
+    Phi3VProcessor(image_processor, load_tokenizer(REAL)).save_pretrained(out)
+    return out
+
+
+def test_phi3v_generate_system_puts_the_official_system_turn_in_the_prompt(real_vocabulary_model, tmp_path,
+                                                                          monkeypatch):  # fmt: skip
+    from phi3v import Phi3VForCausalLM
+    from phi3v.cli import main
+
+    prompts, original = [], Phi3VForCausalLM.generate
+
+    def recording(self, *args, **kwargs):
+        prompts.append(kwargs["input_ids"][0].tolist())
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Phi3VForCausalLM, "generate", recording)
+    _image((400, 300)).save(tmp_path / "a.png")
+    args = ["generate", "--model", str(real_vocabulary_model), "--image", str(tmp_path / "a.png"), "--no-stream",
+            "--max-new-tokens", "1"]  # fmt: skip
+    assert main([*args, "--system", SYSTEM, "Describe."]) == 0
+    assert main([*args, "Describe."]) == 0
+    count = Phi3VImageProcessor(num_crops=4, crop_size=56).num_image_tokens(400, 300)  # the tiny model's crops
+    assert prompts == [_official_one_turn(SYSTEM, "Describe.", count), _official_one_turn(None, "Describe.", count)]
+
+
+def test_phi3v_generate_refuses_an_empty_system(real_vocabulary_model, capsys):
+    from phi3v.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", str(real_vocabulary_model), "--system", " ", "Describe."])
+    assert "--system: expected a non-empty system message, got ' '" in capsys.readouterr().err
+
+
+def test_an_openai_system_message_is_served_as_the_official_system_turn(processor):
+    """``phi3v serve``: the request's system message renders as ``phi3v generate --system`` and the jsonl field do."""
+    import base64
+    import io
+
+    from phi3v.serve.config import ServeConfig
+    from phi3v.serve.protocol import parse_chat_request
+
+    buffer = io.BytesIO()
+    _image((400, 300)).save(buffer, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    messages = [{"role": "system", "content": SYSTEM},
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                             {"type": "text", "text": "Describe."}]}]  # fmt: skip
+    request = parse_chat_request({"model": "m", "messages": messages}, ["m"], ServeConfig(model="m"))
+    sample = processor.encode(request.conversation, generation=True)
+    count = processor.image_processor.num_image_tokens(400, 300)
+    assert sample.input_ids.tolist() == _official_one_turn(SYSTEM, "Describe.", count)
+
+
+def test_phi3v_eval_system_is_the_default_and_a_record_s_own_wins(real_vocabulary_model, system_file, tmp_path,
+                                                                 monkeypatch):  # fmt: skip
+    from phi3v import Phi3VForCausalLM
+    from phi3v.cli import main
+
+    prompts, original = [], Phi3VForCausalLM.generate
+
+    def recording(self, *args, **kwargs):
+        prompts.append(kwargs["input_ids"][0].tolist())
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Phi3VForCausalLM, "generate", recording)
+    args = ["eval", "--model", str(real_vocabulary_model), "--data", str(system_file), "--image-root",
+            str(system_file.parent), "--task", "generic", "--batch-size", "1", "--max-new-tokens", "1"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "flag"), "--system", "Flag text."]) == 0
+    count = Phi3VImageProcessor(num_crops=4, crop_size=56).num_image_tokens(400, 300)
+    assert prompts == [
+        _official_one_turn(SYSTEM, "Describe.", count),
+        _official_one_turn("Flag text.", "Describe.", count),
+    ]
+    prompts.clear()
+    assert main([*args, "--out", str(tmp_path / "none")]) == 0
+    assert prompts == [_official_one_turn(SYSTEM, "Describe.", count), _official_one_turn(None, "Describe.", count)]

@@ -130,3 +130,15 @@ def test_eval_refuses_a_batch_size_of_zero(capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "--batch-size: must be at least 1, got 0" in err and "Traceback" not in err
+
+
+def test_the_system_setting_is_text_or_null_and_never_empty(tmp_path):
+    assert load_config(None, ["system=yes"]).system == "yes"  # not YAML's True
+    assert load_config(None, ["system=Reply: in one word"]).system == "Reply: in one word"  # not a mapping
+    assert load_config(None, ["system=null"]).system is None
+    path = tmp_path / "c.yaml"
+    path.write_text("system: |\n  Two lines,\n  kept.\n")
+    assert load_config(path).system == "Two lines,\nkept.\n"
+    for value in ("", "  "):
+        with pytest.raises(ConfigError, match=rf"system={value!r}: expected a non-empty string \(or null for none\)"):
+            tiny_config(tmp_path, tmp_path, system=value).validate()

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from phi3v import Phi3VForCausalLM
+from phi3v.data.dataset import DataError
 from phi3v.train.checkpoint import CheckpointError, find_resumable, list_checkpoints, verify
 from phi3v.train.loop import GlobalBatchSampler, TrainingError, audit_gradients, make_scheduler, train
 from phi3v.train.strategy import STRATEGIES, component
@@ -373,3 +374,38 @@ def test_a_torn_last_log_line_is_tolerated_by_resume_and_report(digits, tmp_path
     (run / "log.jsonl").write_text("\n".join([lines[0], '{"step": 2, "lo', lines[2]]) + "\n")
     with pytest.raises(LogError, match=r"log\.jsonl:2: not a log record"):
         write_report(run)
+
+
+def test_the_config_s_system_is_the_default_of_every_record_without_one(digits, tmp_path):
+    """``system`` in the config lengthens each record without its own past max_length 128, so the run stops naming
+    exactly those lines; line 3's own short ``system`` wins and it fits."""
+    path, images, records = _data_with(tmp_path, digits, {3: {"system": "Be brief."}})
+    long_system = "You read handwritten digits and answer with the digit alone. " * 4  # 252 characters
+    config = tiny_config(digits, tmp_path, train_data=str(path), image_root=str(images), system=long_system)
+    with pytest.raises(DataError) as err:
+        train(config)
+    message = str(err.value)
+    assert message.startswith(f"{len(records) - 1} sample(s) of {path} cannot be used")
+    for line in (1, 2, 4):
+        assert f"train.jsonl:{line} (id {records[line - 1]['id']}): " in message
+    assert "train.jsonl:3 " not in message
+    summary = train(tiny_config(digits, tmp_path, train_data=str(path), image_root=str(images), max_steps=1,
+                                system="Be brief.", output_dir=str(tmp_path / "short")))  # fmt: skip
+    assert summary["steps"] == 1
+
+
+def test_validation_samples_follow_the_length_policy_as_phi3v_eval_applies_it(digits, tmp_path):
+    """Exactly 2 validation answers are too long, their prompts fit: under truncate they are evaluated with their
+    whole prompt and counted as val_truncated; under drop they are left out and counted as val_dropped."""
+    records = [json.loads(line) for line in (digits / "digits_val.jsonl").read_text().splitlines()[:6]]
+    for line in (2, 4):
+        records[line - 1]["conversations"][-1]["assistant"] = "7" * 600
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(json.dumps(r) + "\n" for r in records))
+    for policy, dropped, truncated, evaluated in (("truncate", 0, 2, 6), ("drop", 2, 0, 4)):
+        run = tmp_path / policy
+        summary = train(tiny_config(digits, tmp_path, strategy="lora", val_data=str(val), on_overflow=policy,
+                                    max_steps=1, output_dir=str(run)))  # fmt: skip
+        assert (summary["val_dropped"], summary["val_truncated"]) == (dropped, truncated)
+        lines = (run / "eval" / "training" / "predictions.jsonl").read_text().splitlines()
+        assert len(lines) == evaluated

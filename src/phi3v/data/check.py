@@ -1,8 +1,9 @@
 """``phi3v data check``: every problem of a jsonl file with its file:line, and statistics.
 
-Problems reported: bad JSON, missing or mistyped fields, image paths that are absolute or escape the image root
-(also through symbolic links), missing, truncated or unreadable images, ``<|image_k|>`` tags that do not match the
-image count, empty answers and duplicate ids. Images are decoded completely (in threads), once per distinct path.
+Problems reported: bad JSON, missing or mistyped fields (a ``system`` that is not a non-empty string included), image
+paths that are absolute or escape the image root (also through symbolic links), missing, truncated or unreadable
+images, ``<|image_k|>`` tags that do not match the image count, empty answers and duplicate ids. Images are decoded
+completely (in threads), once per distinct path.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from phi3v.data.paths import PathEscapeError, resolve_inside
 from phi3v.data.schema import Record, parse_record
 from phi3v.processing.chat import render
 from phi3v.processing.image import ImageError, load_image
-from phi3v.processing.processor import Phi3VProcessor, _truncation_problem
+from phi3v.processing.processor import Phi3VProcessor, truncation_problem
 
 
 @dataclass
@@ -74,6 +75,7 @@ def check_file(
     workers: int = 8,
     progress: bool = True,
     on_overflow: str = "error",
+    system: str | None = None,
 ) -> CheckReport:
     """Check a jsonl file and its images.
 
@@ -86,6 +88,7 @@ def check_file(
             longer sample is a problem; under ``truncate`` one that cannot be cut is; ``drop`` only counts them.
         workers: Threads decoding images.
         progress: Show a progress bar.
+        system: The default system message of the run (counted in the lengths of records without their own).
     """
     path, image_root = Path(path), Path(image_root)
     report = CheckReport(path, max_length=max_length, on_overflow=on_overflow)
@@ -154,13 +157,13 @@ def check_file(
             report.problems += [f"{path}:{record.line}: {message}" for _, message in bad]
             continue
         counts = [processor.image_processor.num_image_tokens(*sizes[p]) for p in record.image_paths]
-        rendered = render(record.conversation(), tokenize, counts, processor.image_token_id)
+        rendered = render(record.conversation(None, system), tokenize, counts, processor.image_token_id)
         length = len(rendered.input_ids)
         if max_length is not None and length > max_length:
             if on_overflow == "error":
                 report.problems.append(f"{path}:{record.line}: {length} tokens, longer than max_length {max_length} "
                                        "(on_overflow: error; or choose drop or truncate)")  # fmt: skip
-            elif on_overflow == "truncate" and (cut := _truncation_problem(rendered, max_length, generation=False)):
+            elif on_overflow == "truncate" and (cut := truncation_problem(rendered, max_length, generation=False)):
                 report.problems.append(f"{path}:{record.line}: {cut}")
         report.samples += 1
         report.images_per_sample[len(record.image_paths)] += 1

@@ -15,8 +15,9 @@ from torch.utils.data import Dataset
 from phi3v.data.paths import PathEscapeError, resolve_inside
 from phi3v.data.schema import Record, parse_record
 from phi3v.processing.chat import Conversation
+from phi3v.processing.collate import Sample
 from phi3v.processing.image import ImageError, load_image
-from phi3v.processing.processor import Phi3VProcessor, Sample, _truncation_problem
+from phi3v.processing.processor import Phi3VProcessor, truncation_problem
 
 logger = logging.getLogger("phi3v")
 OnOverflow = Literal["error", "truncate", "drop"]
@@ -97,7 +98,7 @@ class JsonlDataset(Dataset):
         image_root: Folder the image paths are relative to.
         processor: When given, items are encoded ``Sample``\\ s; otherwise ``Conversation``\\ s with PIL images.
         max_length: Samples are cut at it (``screen`` decides up front which may be: see ``on_overflow`` there).
-        system: Optional system message for every conversation.
+        system: The default system message, for records without their own ``system`` (a record's own wins).
         uint8_pixels: Encode crops as uint8 for ``Phi3VImageProcessor.finish`` on the device (training).
     """
 
@@ -135,7 +136,13 @@ class JsonlDataset(Dataset):
             raise ImageError(f"{self.image_root / relative}: cannot read image ({err})") from err
         return width, height
 
-    def screen(self, on_overflow: OnOverflow = "error", skip_bad_images: bool = False, workers: int = 4) -> Screening:
+    def screen(
+        self,
+        on_overflow: OnOverflow = "error",
+        skip_bad_images: bool = False,
+        workers: int = 4,
+        evaluation: bool = False,
+    ) -> Screening:
         """Check every sample up front, before any step: images decoded (in threads, each distinct path once), token
         lengths against ``max_length`` (needs a processor), the length policy applied. Removes what is dropped or
         skipped, so that every rank keeps the same samples and no batch comes out empty.
@@ -146,12 +153,15 @@ class JsonlDataset(Dataset):
                 keep no answer token, that is an error too).
             skip_bad_images: Remove a sample with a missing or undecodable image instead of stopping.
             workers: Threads decoding images.
+            evaluation: The samples are evaluated, not trained on: under ``truncate`` a longer sample is kept when
+                its prompt (up to the last turn's answer) fits in ``max_length``, to be evaluated with that whole
+                prompt; one whose prompt does not fit is an error (a prompt is never cut).
 
         Returns:
             What was removed or will be cut, counted.
 
         Raises:
-            DataError: listing every sample that stops the run (``file:line (id): problem``).
+            DataError: listing every sample that stops the run (``file:line (id): problem``; one line for one).
         """
         from concurrent.futures import ThreadPoolExecutor
 
@@ -183,10 +193,10 @@ class JsonlDataset(Dataset):
                 result.bad_images += 1
                 continue
             if self.processor is not None and self.max_length is not None:
+                conversation = record.conversation(None, self.system)
+                image_sizes = [sizes[p] for p in record.image_paths]
                 try:
-                    rendered = self.processor.render(
-                        record.conversation(), image_sizes=[sizes[p] for p in record.image_paths]
-                    )
+                    rendered = self.processor.render(conversation, image_sizes=image_sizes)
                 except ValueError as err:
                     problems.append(f"{where}: {err}")
                     continue
@@ -199,12 +209,23 @@ class JsonlDataset(Dataset):
                         problems.append(f"{where}: {length} tokens, longer than max_length {self.max_length} "
                                         "(on_overflow: error; or choose drop or truncate)")  # fmt: skip
                         continue
-                    cut = _truncation_problem(rendered, self.max_length, generation=False)
+                    if evaluation:
+                        prompt = self.processor.render(conversation, generation=True, image_sizes=image_sizes)
+                        cut = None
+                        if len(prompt.input_ids) > self.max_length:
+                            cut = truncation_problem(prompt, self.max_length, generation=True) + (
+                                " (on_overflow: truncate never cuts a prompt to evaluate; choose drop or raise "
+                                "max_length)"
+                            )
+                    else:
+                        cut = truncation_problem(rendered, self.max_length, generation=False)
                     if cut:
                         problems.append(f"{where}: {cut}")
                         continue
                     result.truncated += 1
             kept.append(record)
+        if len(problems) == 1:  # one line, as the command prints it
+            raise DataError(problems[0])
         if problems:
             shown = "\n".join(problems[:20]) + (f"\n... {len(problems) - 20} more" if len(problems) > 20 else "")
             raise DataError(f"{len(problems)} sample(s) of {self.path} cannot be used:\n{shown}")

@@ -8,6 +8,9 @@ One JSON object per line::
                         "assistant": "Archery"}],
      "references": ["Archery"]}
 
+* ``system`` (optional) is the conversation's system message, a non-empty string, rendered with the official
+  template before the first user turn (``<|system|>\n{system}<|end|>\n``) and never trained on. A record without
+  one takes the run's default (``system`` in the training config, ``--system`` of ``phi3v eval``), if any.
 * ``images`` are paths relative to an image root; a turn may have any number (a video is a list of frames).
 * ``user`` may hold ``<|image_k|>`` tags; without tags, tags for all of the turn's images are prefixed.
 * ``conversations`` may have several turns; every turn's answer is trained on.
@@ -26,7 +29,7 @@ from typing import Any
 
 from phi3v.processing.chat import IMAGE_TAG, Conversation, Turn
 
-KNOWN_FIELDS = {"id", "source", "conversations", "references"}
+KNOWN_FIELDS = {"id", "source", "system", "conversations", "references"}
 TURN_FIELDS = {"images", "user", "assistant"}
 
 
@@ -40,6 +43,7 @@ class Record:
         turns: The conversation's turns; image paths are relative to the image root.
         references: Accepted answers of the last turn (defaults to its answer).
         line: 1-based line number in the file it came from.
+        system: The record's own system message, or ``None``.
     """
 
     id: str
@@ -47,6 +51,7 @@ class Record:
     turns: list[Turn]
     references: list[str] = field(default_factory=list)
     line: int = 0
+    system: str | None = None
 
     @property
     def image_paths(self) -> list[str]:
@@ -54,9 +59,10 @@ class Record:
 
     def to_json(self) -> dict[str, Any]:
         """The record as a jsonl object."""
-        data: dict[str, Any] = {
-            "id": self.id,
-            "source": self.source,
+        data: dict[str, Any] = {"id": self.id, "source": self.source}
+        if self.system is not None:
+            data["system"] = self.system
+        data |= {
             "conversations": [{"images": t.images, "user": t.user, "assistant": t.assistant} for t in self.turns],
         }
         if self.references:
@@ -64,10 +70,15 @@ class Record:
         return data
 
     def conversation(self, image_root: str | os.PathLike | None = None, system: str | None = None) -> Conversation:
-        """The conversation, with image paths resolved against ``image_root`` (not opened)."""
+        """The conversation, with image paths resolved against ``image_root`` (not opened).
+
+        Args:
+            image_root: Folder the image paths are joined to (``None``: kept relative).
+            system: The run's default system message: used when the record has none (the record's own wins).
+        """
         root = Path(image_root) if image_root is not None else None
         turns = [Turn(t.user, [root / p if root is not None else p for p in t.images], t.assistant) for t in self.turns]
-        return Conversation(turns, system)
+        return Conversation(turns, self.system if self.system is not None else system)
 
 
 def check_image_path(path: str) -> str | None:
@@ -99,6 +110,9 @@ def parse_record(obj: Any, line: int = 0) -> tuple[Record | None, list[str]]:
             problems.append(f"{name}: missing")
         elif not isinstance(value, (str, int)) or isinstance(value, bool) or str(value) == "":
             problems.append(f"{name}: expected a non-empty string, got {value!r}")
+    system = obj.get("system")
+    if "system" in obj and not (isinstance(system, str) and system.strip()):
+        problems.append(f"system: expected a non-empty string, got {_short(system)}")
     unknown = sorted(set(obj) - KNOWN_FIELDS)
     if unknown:
         problems.append(f"unknown field(s) {unknown}; allowed: {sorted(KNOWN_FIELDS)}")
@@ -118,7 +132,7 @@ def parse_record(obj: Any, line: int = 0) -> tuple[Record | None, list[str]]:
         references = []
     if problems:
         return None, problems
-    record = Record(str(obj["id"]), str(obj["source"]), turns, list(references), line)
+    record = Record(str(obj["id"]), str(obj["source"]), turns, list(references), line, system)
     if not record.references:
         record.references = [turns[-1].assistant]
     return record, []

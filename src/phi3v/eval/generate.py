@@ -121,12 +121,14 @@ def generate(
     images: Sequence = (),
     max_new_tokens: int = 256,
     stream: bool = False,
+    system: str | None = None,
 ) -> str:
-    """Answer one question about some images (greedy). With ``stream``, tokens are printed as they come."""
+    """Answer one question about some images (greedy). With ``stream``, tokens are printed as they come; ``system``
+    is the system message (``<|system|>\n{system}<|end|>\n`` before the question)."""
     streamer = None
     if stream:
         from transformers import TextStreamer
 
         streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    conversation = Conversation([Turn(question, list(images))])
+    conversation = Conversation([Turn(question, list(images))], system)
     return generate_answers(model, processor, [conversation], 1, max_new_tokens, streamer)[0]

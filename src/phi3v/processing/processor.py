@@ -223,7 +223,7 @@ class Phi3VProcessor(ProcessorMixin):
             start += len(turn.images)
         rendered = self.render(resolved, generation)
         if max_length is not None and len(rendered.input_ids) > max_length:
-            problem = _truncation_problem(rendered, max_length, generation)
+            problem = truncation_problem(rendered, max_length, generation)
             if problem:
                 if on_overflow == "drop":
                     return None
@@ -409,8 +409,18 @@ class Phi3VProcessor(ProcessorMixin):
         return list(MODEL_INPUTS)
 
 
-def _truncation_problem(rendered: Rendered, max_length: int, generation: bool) -> str | None:
-    """Why ``rendered`` cannot be cut at ``max_length``, or ``None`` if it can."""
+def truncation_problem(rendered: Rendered, max_length: int, generation: bool) -> str | None:
+    """Why ``rendered`` cannot be cut at ``max_length``, or ``None`` if it can.
+
+    The one rule of the ``truncate`` length policy (``encode``, ``JsonlDataset.screen``, ``phi3v data check``): a
+    cut may never fall inside an image's placeholder run, a training sample must keep at least one supervised
+    token, and a generation prompt is never cut.
+
+    Args:
+        rendered: The rendered conversation.
+        max_length: Where the cut would fall.
+        generation: ``rendered`` is a generation prompt.
+    """
     length = len(rendered.input_ids)
     for k, (start, end) in enumerate(rendered.image_spans):
         if end > max_length:

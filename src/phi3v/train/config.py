@@ -82,6 +82,11 @@ class TrainConfig:
     """Folder the jsonl image paths are relative to."""
     task: str = "generic"
     """Task name (``phi3v.tasks``): its metric scores evaluation."""
+    system: str | None = None
+    """The run's default system message, for training and validation records without their own ``system`` field
+    (a record's own wins). Rendered as the official template does, ``<|system|>\n{system}<|end|>\n`` before the
+    first user turn, and never trained on. Pass the same text to ``phi3v eval --system`` / ``phi3v generate
+    --system`` afterwards."""
     strategy: Strategy = "lora"
     """A preset of the per-component settings below (``STRATEGIES``): ``full``, ``frozen_vision``, ``lora`` or
     ``qlora`` (4-bit NF4 base + LoRA)."""
@@ -98,9 +103,10 @@ class TrainConfig:
     on_overflow: OnOverflow = "error"
     """The length policy, for training and validation samples longer than ``max_length``, checked before the first
     step: ``error`` stops the run naming file, line and id; ``drop`` removes them; ``truncate`` cuts them at
-    ``max_length`` (a cut that would split an image or keep no answer token is an error). Dropped and truncated
-    samples are counted in ``summary.json``, the log and the report. ``phi3v data check --on-overflow`` applies the
-    same policy."""
+    ``max_length`` (a cut that would split an image or keep no answer token is an error). Validation samples follow
+    it as ``phi3v eval --on-overflow`` does: a prompt is never cut, so under ``truncate`` a longer one is evaluated
+    whole when its prompt fits and is an error when it does not. Dropped and truncated samples are counted in
+    ``summary.json``, the log and the report. ``phi3v data check --on-overflow`` applies the same policy."""
     skip_bad_images: bool = False
     """Remove (and count) samples with a missing or undecodable image instead of stopping the run; every image is
     decoded once before the first step either way."""
@@ -222,6 +228,8 @@ class TrainConfig:
             problems.append(f"train_data={self.train_data!r}: file not found")
         if self.val_data and not Path(self.val_data).is_file():
             problems.append(f"val_data={self.val_data!r}: file not found")
+        if self.system is not None and not (isinstance(self.system, str) and self.system.strip()):
+            problems.append(f"system={self.system!r}: expected a non-empty string (or null for none)")
         if not self.image_root:
             problems.append("image_root: required (the folder image paths are relative to)")
         elif not Path(self.image_root).is_dir():
@@ -297,10 +305,20 @@ def _literal_choices(hint: Any) -> tuple | None:
 
 
 def _coerce(name: str, raw: str, hint: Any) -> Any:
-    """Turn a ``key=value`` string into the field's type (YAML syntax: numbers, lists, null, true/false)."""
-    value = yaml.safe_load(raw)
-    if value is not None and hint is str:
-        return str(value)
+    """Turn a ``key=value`` string into the field's type (YAML syntax: numbers, lists, null, true/false).
+
+    A text field (``str``, ``str | None``) takes the text as written unless YAML reads it as a string or null:
+    ``system=Answer: one word`` stays that text (YAML would read a mapping), ``system=yes`` is not ``True``.
+    """
+    text_field = hint is str or (get_origin(hint) is not None and set(get_args(hint)) == {str, type(None)})
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        if text_field:
+            return raw
+        raise
+    if text_field and value is not None and not isinstance(value, str):
+        return raw
     return value
 
 

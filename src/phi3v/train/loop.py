@@ -165,7 +165,7 @@ def train(config: TrainConfig) -> dict:
     world_guess = int(os.environ.get("WORLD_SIZE", "1"))
     config.validate(world_guess)
     accumulation = config.gradient_accumulation_steps(world_guess)
-    dataset = JsonlDataset(config.train_data, config.image_root, max_length=config.max_length)
+    dataset = JsonlDataset(config.train_data, config.image_root, max_length=config.max_length, system=config.system)
     # Text-only samples leave the image side without gradients in some steps; DDP must then look for unused
     # parameters (a little slower, so only when the data needs it).
     text_only = any(not record.image_paths for record in dataset.records)
@@ -222,17 +222,19 @@ def train(config: TrainConfig) -> dict:
         raise TrainingError(f"{config.train_data}: {len(dataset)} samples, fewer than one global batch "
                             f"({config.global_batch_size})")  # fmt: skip
     total_steps = config.max_steps or max(1, int(config.epochs * steps_per_epoch))
-    val, val_screened = None, None
+    val, val_counts = None, None
     if config.val_data:
-        # Validation prompts are never cut (generation needs the whole prompt): under truncate they stay whole.
-        val_length = None if config.on_overflow == "truncate" else config.max_length
-        val = JsonlDataset(config.val_data, config.image_root, processor=processor, max_length=val_length)
-        val_screened = val.screen(config.on_overflow, config.skip_bad_images, workers=max(1, config.num_workers))
-        val.processor = None  # evaluation encodes the prompts itself
+        # The length policy as `phi3v eval --max-length` applies it; a validation prompt is never cut.
+        from phi3v.eval.evaluate import apply_length_policy
+
+        val = JsonlDataset(config.val_data, config.image_root, system=config.system)
+        val_counts = apply_length_policy(val, processor, config.max_length, config.on_overflow,
+                                         config.skip_bad_images, workers=max(1, config.num_workers))  # fmt: skip
     samples = {"dropped": screened.dropped, "truncated": screened.truncated, "bad_images": screened.bad_images,
                "duplicate_ids": screened.duplicate_ids}  # fmt: skip
-    if val_screened is not None:
-        samples.update(val_dropped=val_screened.dropped, val_bad_images=val_screened.bad_images)
+    if val_counts is not None:
+        samples.update(val_dropped=val_counts["dropped"], val_truncated=val_counts["truncated"],
+                       val_bad_images=val_counts["bad_images"])  # fmt: skip
     task = get_task(config.task)
 
     optimizer, names = make_optimizer(model, config)
@@ -384,7 +386,7 @@ def _run_identity(config: TrainConfig) -> dict:
     keys = ("model", "train_data", "strategy", "seed", "global_batch_size", "max_steps", "epochs", "lr",
             "schedule", "warmup_steps", "weight_decay", "lora_rank", "lora_alpha", "lora_targets", "vision",
             "projector", "language", "quantize_base", "precision", "num_crops", "max_length", "on_overflow",
-            "skip_bad_images")  # fmt: skip
+            "skip_bad_images", "system")  # fmt: skip
     return {k: v for k, v in config.to_dict().items() if k in keys}
 
 
