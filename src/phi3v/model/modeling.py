@@ -377,7 +377,9 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, GenerationMixin):
             raise ValueError("phi3v loads safetensors only; use_safetensors=False is not supported")
         if "_attn_implementation" in kwargs:  # the spelling of older model cards
             kwargs.setdefault("attn_implementation", kwargs.pop("_attn_implementation"))
-        kwargs.setdefault("attn_implementation", "sdpa")
+        # The Auto classes move the caller's choice into the config they pass; SDPA only when nobody chose.
+        if getattr(kwargs.get("config"), "_attn_implementation", None) is None:
+            kwargs.setdefault("attn_implementation", "sdpa")
         if (local := local_checkpoint(pretrained_model_name_or_path)) is not None:
             weight_files(local)  # a clear error for a directory of pickles or without weights
         want_info = kwargs.pop("output_loading_info", False)
