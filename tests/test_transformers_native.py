@@ -1,6 +1,7 @@
 """transformers habits on phi3v directories: the model card's code, Auto classes, pipelines, PEFT, saved files."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,39 @@ def test_from_pretrained_takes_the_standard_arguments(checkpoint):
         Phi3VForCausalLM.from_pretrained(checkpoint, trust_remote_code=True)
     with pytest.raises(TypeError, match="bogus"):
         Phi3VProcessor.from_pretrained(checkpoint, bogus=1)
+
+
+def _attention(model) -> dict[str, str]:
+    """The attention each part runs (what its attention modules dispatch on at run time)."""
+    clip_layer = model.model.vision_embed_tokens.img_processor.vision_model.encoder.layers[0]
+    return {
+        "config": model.config._attn_implementation,
+        "decoder": model.model.layers[0].self_attn.config._attn_implementation,
+        "vision": clip_layer.self_attn.config._attn_implementation,
+    }
+
+
+@pytest.mark.parametrize("loader", [AutoModelForCausalLM, AutoModelForImageTextToText, Phi3VForCausalLM])
+@pytest.mark.parametrize("argument", ["attn_implementation", "_attn_implementation"])
+def test_the_requested_attention_sticks_through_every_loader(checkpoint, loader, argument):
+    """The model card passes `_attn_implementation=` to AutoModelForCausalLM; transformers' spelling is
+    `attn_implementation=`. Both reach the decoder and the CLIP tower, whichever class loads."""
+    model = loader.from_pretrained(checkpoint, **{argument: "eager"})
+    assert _attention(model) == {"config": "eager", "decoder": "eager", "vision": "eager"}
+    assert _attention(loader.from_pretrained(checkpoint)) == {"config": "sdpa", "decoder": "sdpa", "vision": "sdpa"}
+
+
+def test_the_hub_file_s_attention_is_not_followed_but_the_caller_s_is(checkpoint, tmp_path):
+    """The official config.json says `_attn_implementation: flash_attention_2`; that is the file's, not the
+    caller's choice (flash-attn is not even installed here)."""
+    directory = tmp_path / "hub-like"
+    shutil.copytree(checkpoint, directory)
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps(config | {"_attn_implementation": "flash_attention_2"}))
+    assert _attention(AutoModelForCausalLM.from_pretrained(directory))["vision"] == "sdpa"
+    model = AutoModelForCausalLM.from_pretrained(directory, _attn_implementation="eager")
+    assert _attention(model) == {"config": "eager", "decoder": "eager", "vision": "eager"}
+    assert AutoConfig.from_pretrained(directory)._attn_implementation is None  # phi3v's SDPA default applies
 
 
 def test_the_image_text_to_text_pipeline(checkpoint):

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from phi3v.model import build_model, num_image_tokens, without_adapters
 from phi3v.processing.image import Phi3VImageProcessor
 from phi3v.train.config import TrainConfig
-from phi3v.train.strategy import apply_strategy
+from phi3v.train.strategy import apply_strategy, quantization_config
 
 # Training FLOPs per forward FLOP of (language + projector, vision), per strategy: see the module docstring.
 FLOP_MULTIPLIERS = {"full": (3, 3), "frozen_vision": (3, 1), "lora": (2, 2), "qlora": (2, 2)}
@@ -120,7 +120,10 @@ class _Bench:
         # full / frozen_vision: float32 master weights under bf16 autocast; LoRA: a bf16 base; QLoRA: NF4 with bf16
         config = TrainConfig(strategy=strategy, precision="bf16" if bf16 else "fp32", lora_rank=16, lora_alpha=32)
         start = time.perf_counter()
-        model = build_model(preset, device=self.device, dtype=self.dtype if config.spec.adapters else None)
+        # QLoRA: the random weights are read 4-bit through from_pretrained, as a checkpoint would be (build_s
+        # includes writing them to a temporary directory first)
+        model = build_model(preset, device=self.device, dtype=self.dtype if config.spec.adapters else None,
+                            quantization_config=quantization_config(config))  # fmt: skip
         self.model = apply_strategy(model, config)
         _sync(self.device)
         self.build_s = time.perf_counter() - start

@@ -119,6 +119,37 @@ def test_official_layout_loads_and_saves_back_the_complete_key_set(tiny, tmp_pat
         assert torch.equal(f.get_tensor(f"{V}encoder.layers.2.mlp.fc1.bias"), torch.arange(64.0))
 
 
+def test_official_layout_loads_4bit_with_the_alias_and_the_unused_clip_tensors(tiny, tmp_path):
+    """QLoRA's load: transformers' bitsandbytes quantiser on the same key map and checks, straight from the files."""
+    import bitsandbytes as bnb
+    from transformers import BitsAndBytesConfig
+
+    extra = _official_layout(tiny, tmp_path / "official")
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
+    loaded = Phi3VForCausalLM.from_pretrained(tmp_path / "official", quantization_config=nf4)
+    assert isinstance(loaded.model.layers[0].mlp.down_proj, bnb.nn.Linear4bit)
+    assert isinstance(loaded.model.vision_embed_tokens.img_processor.vision_model.encoder.layers[1].mlp.fc1,
+                      bnb.nn.Linear4bit)  # fmt: skip
+    assert type(loaded.lm_head) is torch.nn.Linear  # transformers keeps the output head by default
+    assert torch.equal(loaded.model.embed_tokens.weight, tiny.model.embed_tokens.weight)  # read from the wte alias
+    assert loaded.unused_official_weights.keys() == extra.keys()
+    assert all(torch.equal(loaded.unused_official_weights[k], v) for k, v in extra.items())
+    with pytest.raises(ValueError, match=r"loaded with quantization \(bitsandbytes\) has no official-format weights"):
+        loaded.save_pretrained(tmp_path / "resaved")
+    assert not (tmp_path / "resaved" / "config.json").exists()
+
+
+def test_a_4bit_load_still_names_a_missing_tensor(tiny, tmp_path):
+    from transformers import BitsAndBytesConfig
+
+    state = dict(tiny.state_dict())
+    del state["model.layers.1.mlp.down_proj.weight"]
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "model.safetensors")
+    tiny.config.save_official(tmp_path)
+    with pytest.raises(ValueError, match=r"1 missing: model\.layers\.1\.mlp\.down_proj\.weight"):
+        Phi3VForCausalLM.from_pretrained(tmp_path, quantization_config=BitsAndBytesConfig(load_in_4bit=True))
+
+
 def test_resaving_with_fewer_shards_removes_stale_shards(tiny, tmp_path):
     tiny.save_pretrained(tmp_path, max_shard_size=100_000)
     assert len(list(tmp_path.glob("model-*.safetensors"))) > 1

@@ -45,6 +45,7 @@ def _weights(run_dir):
 ENGINE_CASES = [
     ("full", "ddp", 4),
     ("lora", "ddp", 4),
+    ("qlora", "ddp", 4),  # the 4-bit base read on each process's device
     ("full", "deepspeed_zero2", 2),  # batch 2 per device: 2 accumulation steps of 2 x 2 samples
     ("lora", "deepspeed_zero2", 4),
     ("full", "fsdp2", 2),

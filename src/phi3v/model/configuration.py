@@ -64,6 +64,9 @@ DEFAULT_IMG_PROCESSOR = {
 }
 
 
+# The official config.json asks for flash_attention_2 under this key; a file's value is not followed (see from_dict).
+FILE_ATTENTION_KEY = "_attn_implementation"
+
 # Fields we write in the official file order; everything else we know is appended after them.
 _OFFICIAL_FIELDS = (
     "attention_dropout", "bos_token_id", "embd_layer", "embd_pdrop", "eos_token_id", "hidden_act",
@@ -128,8 +131,6 @@ class Phi3VConfig(Phi3Config):
             self.rope_parameters = self._longrope_factor(_normalise_rope_scaling(self.rope_parameters))
         if (torch_dtype := kwargs.pop("torch_dtype", None)) is not None and self.dtype is None:
             self.dtype = torch_dtype
-        # The hub config asks for flash_attention_2; phi3v chooses the attention itself (SDPA by default).
-        kwargs.pop("_attn_implementation", None)
         kwargs.pop("auto_map", None)
         if isinstance(self.embd_layer, str):  # the official class's default, "default", means no image side
             raise ValueError(f"embd_layer={self.embd_layer!r}: phi3v supports Phi-3-V models with the image embedding")
@@ -254,10 +255,23 @@ class Phi3VConfig(Phi3Config):
         return cls.from_official_dict(data)
 
     @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> "Phi3VConfig":  # noqa: UP037
+        """Build from a ``config.json``'s content (what ``from_pretrained`` and the Auto classes call).
+
+        The file's ``_attn_implementation`` is dropped: the hub config asks for flash_attention_2, and phi3v
+        chooses the attention itself (SDPA by default). The caller's choice, ``attn_implementation=`` or
+        ``_attn_implementation=`` in ``kwargs``, is kept, so it reaches the model through the Auto classes too.
+        """
+        config_dict = {k: v for k, v in config_dict.items() if k != FILE_ATTENTION_KEY}
+        return super().from_dict(config_dict, **kwargs)
+
+    @classmethod
     def from_official_dict(cls, data: dict[str, Any]) -> "Phi3VConfig":  # noqa: UP037
-        """Build from the content of an official (or phi3v-written) ``config.json``."""
+        """Build from the content of an official (or phi3v-written) ``config.json`` (its ``_attn_implementation``
+        dropped, as in ``from_dict``)."""
         data = dict(data)
-        for key in ("architectures", "auto_map", "_name_or_path", "transformers_version", "model_type"):
+        for key in ("architectures", "auto_map", "_name_or_path", "transformers_version", "model_type",
+                    FILE_ATTENTION_KEY):  # fmt: skip
             data.pop(key, None)
         if "torch_dtype" in data:  # the official name of `dtype`
             data.setdefault("dtype", data.pop("torch_dtype"))

@@ -62,8 +62,12 @@ class Phi3VPreTrainedModel(PreTrainedModel):
     config: Phi3VConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
+    # What transformers' loader needs for device maps and quantisation (bitsandbytes): layers never split across
+    # devices, the KV cache (under either name) never moved by device hooks. Nothing is kept in float32
+    # (`_keep_in_fp32_modules`): RMSNorm computes in float32 itself and the official model keeps nothing; a 4-bit
+    # base keeps `lm_head` in its float dtype through the quantisation config (phi3v.train.strategy).
     _no_split_modules = ["Phi3DecoderLayer", "CLIPEncoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = list(_CACHE_NAMES)
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -377,7 +381,9 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, GenerationMixin):
             raise ValueError("phi3v loads safetensors only; use_safetensors=False is not supported")
         if "_attn_implementation" in kwargs:  # the spelling of older model cards
             kwargs.setdefault("attn_implementation", kwargs.pop("_attn_implementation"))
-        kwargs.setdefault("attn_implementation", "sdpa")
+        # The Auto classes move the caller's choice into the config they pass; SDPA only when nobody chose.
+        if getattr(kwargs.get("config"), "_attn_implementation", None) is None:
+            kwargs.setdefault("attn_implementation", "sdpa")
         if (local := local_checkpoint(pretrained_model_name_or_path)) is not None:
             weight_files(local)  # a clear error for a directory of pickles or without weights
         want_info = kwargs.pop("output_loading_info", False)
@@ -429,6 +435,11 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, GenerationMixin):
 
         if not safe_serialization:
             raise ValueError("phi3v writes safetensors only; safe_serialization=False is not supported")
+        if state_dict is None and (method := getattr(self, "quantization_method", None)) is not None:
+            raise ValueError(
+                f"a model loaded with quantization ({getattr(method, 'value', method)}) has no official-format "
+                "weights to write: save the adapter, or load the base without quantization_config to save it"
+            )
         if unsupported:
             raise TypeError(f"Phi3VForCausalLM.save_pretrained got unsupported arguments: {sorted(unsupported)}")
         if is_main_process:

@@ -9,12 +9,17 @@ HD 2x2 merge, separators, projector) at a size that trains on a laptop CPU in se
 from __future__ import annotations
 
 import json
+import tempfile
 from importlib import resources
+from typing import TYPE_CHECKING
 
 import torch
 
 from phi3v.model.configuration import Phi3VConfig
 from phi3v.model.modeling import Phi3VForCausalLM
+
+if TYPE_CHECKING:
+    from transformers import BitsAndBytesConfig
 
 OFFICIAL_PRESETS = ("phi-3.5-vision", "phi-3-vision")
 PRESETS = (*OFFICIAL_PRESETS, "tiny")
@@ -80,6 +85,7 @@ def build_model(
     device: torch.device | str | None = None,
     attn_implementation: str = "sdpa",
     seed: int | None = 0,
+    quantization_config: BitsAndBytesConfig | None = None,
 ) -> Phi3VForCausalLM:
     """A randomly initialised model of a preset or config.
 
@@ -89,8 +95,31 @@ def build_model(
         device: Where to build; ``"meta"`` gives shapes without memory.
         attn_implementation: ``"sdpa"``, ``"flash_attention_2"`` or ``"eager"``.
         seed: Seed for the initialisation (``None``: leave the RNG alone).
+        quantization_config: Read the random weights through ``from_pretrained`` with this config (a 4-bit base
+            for QLoRA), as a real checkpoint is read: they are built on the CPU, written to a temporary directory
+            and loaded from there onto ``device``, so the full-precision model is never on ``device``. The same
+            weights as without it (same seed), before quantisation.
     """
     config = preset_config(preset) if isinstance(preset, str) else preset
+    if quantization_config is not None:
+        if device is not None and torch.device(device).type == "meta":
+            raise ValueError("quantization_config needs real weights to quantise; it cannot be used on device 'meta'")
+        target = torch.device(device or "cpu")
+        if target.type == "cuda" and target.index is None:  # a device map names one device
+            target = torch.device("cuda", torch.cuda.current_device())
+        model = build_model(config, dtype=dtype, attn_implementation=attn_implementation, seed=seed)
+        with tempfile.TemporaryDirectory(prefix="phi3v-random-") as directory:
+            model.save_pretrained(directory)
+            del model
+            model = Phi3VForCausalLM.from_pretrained(
+                directory,
+                dtype=dtype or torch.float32,
+                attn_implementation=attn_implementation,
+                quantization_config=quantization_config,
+                device_map={"": target},
+            )
+        model.name_or_path = model.config._name_or_path = ""  # not the deleted temporary directory
+        return model.eval()
     config._attn_implementation = attn_implementation
     if seed is not None:
         torch.manual_seed(seed)

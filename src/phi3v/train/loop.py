@@ -42,7 +42,7 @@ from phi3v.train import checkpoint as ckpt
 from phi3v.train import runlog
 from phi3v.train.config import TrainConfig
 from phi3v.train.engine import make_accelerator, restore_training_state, training_state
-from phi3v.train.strategy import apply_strategy, component, parameter_counts
+from phi3v.train.strategy import apply_strategy, component, parameter_counts, quantization_config
 from phi3v.utils import atomic_write_text, environment
 
 logger = logging.getLogger("phi3v")
@@ -83,20 +83,31 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_model_and_processor(config: TrainConfig) -> tuple[Phi3VForCausalLM, Phi3VProcessor]:
-    """The base model (fp32 master weights for full training; bf16/fp16 base for LoRA) and its processor."""
+def load_model_and_processor(
+    config: TrainConfig, device: torch.device | str = "cpu", quantize: bool = True
+) -> tuple[Phi3VForCausalLM, Phi3VProcessor]:
+    """The base model (fp32 master weights for full training; bf16/fp16 base for LoRA) and its processor.
+
+    A spec with ``quantize_base`` (QLoRA) reads the base 4-bit straight onto ``device`` (this process's device:
+    bitsandbytes layers cannot be moved between GPUs afterwards), unless ``quantize`` is false.
+    """
     base_dtype = torch.float32
     if config.spec.adapters and config.precision != "fp32":  # a frozen base needs no fp32 master weights
         base_dtype = torch.bfloat16 if config.precision == "bf16" else torch.float16
+    quantization = quantization_config(config) if quantize else None
     if config.model == "tiny":
-        model = build_model("tiny", dtype=base_dtype, attn_implementation=config.attention, seed=config.seed)
+        model = build_model("tiny", dtype=base_dtype, attn_implementation=config.attention, seed=config.seed,
+                            device=device if quantization else None, quantization_config=quantization)  # fmt: skip
         return model, Phi3VProcessor.tiny(num_crops=config.num_crops)
     if config.model in PRESETS:
         raise TrainingError(
             f"model={config.model!r} is a random-weight architecture preset without a tokenizer; pass the "
             "checkpoint directory (or hub id) of the real weights"
         )
-    model = Phi3VForCausalLM.from_pretrained(config.model, dtype=base_dtype, attn_implementation=config.attention)
+    placement = {"quantization_config": quantization, "device_map": {"": device}} if quantization else {}
+    model = Phi3VForCausalLM.from_pretrained(
+        config.model, dtype=base_dtype, attn_implementation=config.attention, **placement
+    )
     return model, Phi3VProcessor.from_pretrained(config.model, num_crops=config.num_crops)
 
 
@@ -194,7 +205,7 @@ def train(config: TrainConfig) -> dict:
     accelerator.wait_for_everyone()
 
     seed_everything(config.seed)
-    model, processor = load_model_and_processor(config)
+    model, processor = load_model_and_processor(config, accelerator.device)
     model = apply_strategy(model, config)
     if config.gradient_checkpointing:
         without_adapters(model).enable_activation_checkpointing(every_n_layers=config.checkpoint_every)
@@ -487,8 +498,9 @@ def _final_save(unwrapped, processor, config, final: Path, full_state) -> None:
 
 
 def _save_preset_base(config: TrainConfig, directory: Path) -> None:
-    """Rebuild the run's random preset base (same seed and dtype) and save it in the official format."""
-    model, processor = load_model_and_processor(config)
+    """Rebuild the run's random preset base (same seed and dtype, not quantised) and save it in the official
+    format."""
+    model, processor = load_model_and_processor(config, quantize=False)
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
 
