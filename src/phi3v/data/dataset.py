@@ -118,6 +118,7 @@ class JsonlDataset(Dataset):
         self.system = system
         self.uint8_pixels = uint8_pixels
         self.records = read_records(self.path)
+        self._real_paths: dict[str, Path] = {}  # relative -> real path, checked inside the root once per process
 
     def __len__(self) -> int:
         return len(self.records)
@@ -245,10 +246,14 @@ class JsonlDataset(Dataset):
 
     def _open(self, relative: str) -> Image.Image:
         """An image of the file, opened only when it lies inside the image root (symbolic links resolved)."""
-        try:
-            return load_image(resolve_inside(self.image_root, relative))
-        except PathEscapeError as err:
-            raise ImageError(f"image {err}") from None
+        real = self._real_paths.get(relative)
+        if real is None:
+            try:
+                real = resolve_inside(self.image_root, relative)
+            except PathEscapeError as err:
+                raise ImageError(f"image {err}") from None
+            self._real_paths[relative] = real
+        return load_image(real)
 
     def __getitem__(self, index: int) -> Sample | Conversation | None:
         record = self.records[index]
