@@ -1,10 +1,10 @@
-"""Engine helpers that run in one process: the pickle-free nested-state round trip."""
+"""Checkpoint pieces that run in one process: the pickle-free nested-state round trip."""
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from phi3v.train.engine import flatten, unflatten
+from phi3v.train.checkpoint import flatten, unflatten
 
 
 def test_nested_state_round_trips_through_safetensors_and_json(tmp_path):
