@@ -12,6 +12,9 @@ A checkpoint ``RUN/checkpoints/step-0000050/`` holds
 The folder is assembled under a temporary name and renamed into place, so a crash leaves no folder that looks
 complete; ``find_resumable`` also recomputes the manifest, so a file damaged later is caught and the previous
 checkpoint is used instead.
+
+``Checkpointer`` writes and reads all of it for every engine (DDP, DeepSpeed ZeRO-2, FSDP2); the training loop
+calls its ``save`` and ``load``.
 """
 
 from __future__ import annotations
@@ -372,16 +375,20 @@ class Checkpointer:
             set_optimizer_state_dict,
         )
 
-        weights, moments = {}, {}
+        weights, moments, problem = {}, {}, [None]
         if self.rank == 0:
             weights = load_file(folder / "trainable.safetensors")
             tensors, meta = _read_pair(folder / "optimizer")
-            moments = {
-                "state": join_moments(tensors, meta, self.names),
-                "param_groups": [{**g, "params": [self.names[i] for i in g["params"]]} for g in meta["param_groups"]],
-            }
-        # rank 0's check, shared, so that every rank raises the same error rather than waiting in the broadcast
-        problem = [self._trainable_problem(folder, set(weights), trainable_names) if self.rank == 0 else None]
+            try:
+                moments = {
+                    "state": join_moments(tensors, meta, self.names),
+                    "param_groups": [{**g, "params": [self.names[i] for i in g["params"]]}
+                                     for g in meta["param_groups"]],
+                }  # fmt: skip
+                problem = [self._trainable_problem(folder, set(weights), trainable_names)]
+            except CheckpointError as err:
+                problem = [str(err)]
+        # rank 0's checks, shared, so that every rank raises the same error rather than waiting in the broadcast
         dist.broadcast_object_list(problem, src=0)
         if problem[0]:
             raise CheckpointError(problem[0])
