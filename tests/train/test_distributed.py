@@ -56,13 +56,33 @@ ENGINE_CASES = [
 ENGINE_TYPES = {"ddp": "MULTI_CPU", "deepspeed_zero2": "DEEPSPEED", "fsdp2": "FSDP"}
 
 
+def _evaluations(run_dir):
+    """The evaluation records of the run's log, and the last evaluation's predictions."""
+    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    predictions = (run_dir / "eval" / "training" / "predictions.jsonl").read_text().splitlines()
+    return [r for r in log if "eval/accuracy" in r], [json.loads(line)["prediction"] for line in predictions]
+
+
+# FSDP2 units of the tiny model (2 decoder layers), by module name ("" is the root), without and with PEFT's wrapper.
+FSDP2_UNITS = {
+    "full": ["", "model.layers.0", "model.layers.1", "model.vision_embed_tokens.img_processor"],
+    "lora": ["", "base_model.model.model.layers.0", "base_model.model.model.layers.1",
+             "base_model.model.model.vision_embed_tokens.img_processor"],
+}  # fmt: skip
+
+
 @pytest.mark.parametrize(("strategy", "engine", "per_device"), ENGINE_CASES)
 def test_two_processes_match_one_with_the_same_global_batch(digits, tmp_path, strategy, engine, per_device):
-    one = _write_config(tiny_config(digits, tmp_path, strategy=strategy, output_dir=str(tmp_path / "one")),
-                        tmp_path / "one.yaml")  # fmt: skip
+    # FSDP2 also evaluates during training (17 prompts: 9 on rank 0, 8 on rank 1, so 2 batches of 8 against 1):
+    # sharded generation must neither hang nor change the metric.
+    evaluation = {}
+    if engine == "fsdp2":
+        evaluation = dict(val_data=str(digits / "digits_val.jsonl"), eval_every=3, eval_max_samples=17)
+    one = _write_config(tiny_config(digits, tmp_path, strategy=strategy, output_dir=str(tmp_path / "one"),
+                                    **evaluation), tmp_path / "one.yaml")  # fmt: skip
     two = _write_config(tiny_config(digits, tmp_path, strategy=strategy, engine=engine,
-                                    per_device_batch_size=per_device, output_dir=str(tmp_path / "two")),
-                        tmp_path / "two.yaml")  # fmt: skip
+                                    per_device_batch_size=per_device, output_dir=str(tmp_path / "two"),
+                                    **evaluation), tmp_path / "two.yaml")  # fmt: skip
     _run([sys.executable, "-m", "phi3v", "train", str(one)])
     log = _torchrun(two).stderr
     assert f"on {ENGINE_TYPES[engine]} ({engine}), 2 process(es)" in log  # the engine ran; no silent fallback
@@ -74,6 +94,17 @@ def test_two_processes_match_one_with_the_same_global_batch(digits, tmp_path, st
     assert want.keys() == got.keys()
     for key in want:
         assert (want[key] - got[key]).abs().max() <= 1e-5, key
+    if engine == "fsdp2":
+        layout = json.loads((tmp_path / "two" / "summary.json").read_text())["fsdp2"]
+        assert layout["units"] == FSDP2_UNITS[strategy]  # each decoder layer and the CLIP tower its own unit
+        total, per_rank = layout["param_bytes"], layout["local_param_bytes"]
+        assert sum(per_rank) == total and len(per_rank) == 2
+        assert all(0.45 * total <= n <= 0.55 * total for n in per_rank), (per_rank, total)  # about half each
+        evals_one, predictions_one = _evaluations(tmp_path / "one")
+        evals_two, predictions_two = _evaluations(tmp_path / "two")
+        assert [r["step"] for r in evals_two] == [3, 6]
+        assert evals_two == evals_one and predictions_two == predictions_one
+        assert len(predictions_two) == 17
 
 
 @pytest.mark.parametrize("engine", ["deepspeed_zero2", "fsdp2"])

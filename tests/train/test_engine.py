@@ -1,35 +1,20 @@
-"""Engine helpers that run in one process: the pickle-free nested-state round trip."""
+"""Engine settings that need no processes: FSDP2's mixed-precision policy per precision."""
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
-from phi3v.train.engine import flatten, unflatten
-
-
-def test_nested_state_round_trips_through_safetensors_and_json(tmp_path):
-    import json
-
-    state = {
-        "base_optimizer_state": {"state": {0: {"exp_avg": torch.arange(4.0), "step": torch.tensor(3.0)}},
-                                 "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.95), "params": [0], "foreach": None}]},
-        "single_partition_of_fp32_groups": [torch.ones(3), torch.zeros(0)],
-        "loss_scaler": {"cur_scale": 65536.0, "dynamic": True},
-        "ds_version": "0.19.8",
-    }  # fmt: skip
-    tensors, skeleton = flatten(state)
-    save_file(tensors, tmp_path / "s.safetensors")
-    (tmp_path / "s.json").write_text(json.dumps(skeleton))
-    back = unflatten(load_file(tmp_path / "s.safetensors"), json.loads((tmp_path / "s.json").read_text()))
-
-    assert list(back["base_optimizer_state"]["state"]) == [0]  # int keys stay int
-    assert torch.equal(back["base_optimizer_state"]["state"][0]["exp_avg"], torch.arange(4.0))
-    assert back["base_optimizer_state"]["param_groups"][0]["betas"] == [0.9, 0.95]
-    assert back["single_partition_of_fp32_groups"][1].shape == (0,)
-    assert back["loss_scaler"] == {"cur_scale": 65536.0, "dynamic": True}
-    assert back["ds_version"] == "0.19.8"
+from phi3v.train.engine import mixed_precision_policy
 
 
-def test_objects_that_would_need_pickle_are_refused():
-    with pytest.raises(TypeError, match=r"/scaler: a object cannot be stored without pickle"):
-        flatten({"scaler": object()})
+def test_bf16_computes_in_bf16_and_reduces_in_fp32_while_fp32_casts_nothing():
+    bf16 = mixed_precision_policy("bf16")
+    assert (bf16.param_dtype, bf16.reduce_dtype) == (torch.bfloat16, torch.float32)
+    fp16 = mixed_precision_policy("fp16")
+    assert (fp16.param_dtype, fp16.reduce_dtype) == (torch.float16, torch.float32)
+    fp32 = mixed_precision_policy("fp32")
+    assert (fp32.param_dtype, fp32.reduce_dtype) == (None, None)  # the parameters' own dtype throughout
+
+
+def test_an_unknown_precision_is_named():
+    with pytest.raises(ValueError, match=r"precision='int8': expected bf16, fp16 or fp32"):
+        mixed_precision_policy("int8")

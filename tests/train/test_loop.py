@@ -244,7 +244,7 @@ def test_resume_refuses_other_settings_and_logs_the_lr_a_step_uses(digits, tmp_p
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["lr"] for r in log if "lr" in r] == pytest.approx([0.0, 1e-3 * 1 / 4])  # step / warmup
     changed = tiny_config(digits, tmp_path, strategy="lora", max_steps=4, lr=5e-4, warmup_steps=4, resume="auto")
-    with pytest.raises(TrainingError, match=r"other settings \(max_steps: 2 -> 4, lr: 0\.001 -> 0\.0005\)"):
+    with pytest.raises(CheckpointError, match=r"other settings \(max_steps: 2 -> 4, lr: 0\.001 -> 0\.0005\)"):
         train(changed)
     with pytest.raises(CheckpointError, match="checkpoint folder not found"):
         train(tiny_config(digits, tmp_path, strategy="lora", resume=str(tmp_path / "nowhere")))

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from phi3v.data.dataset import JsonlDataset, OnOverflow
-from phi3v.eval.generate import generate_answers, label_scores
+from phi3v.eval.generate import generate_answers, is_sharded, label_scores, whole_root
 from phi3v.processing.processor import Phi3VProcessor
 from phi3v.tasks import Task
 from phi3v.utils import atomic_write, atomic_write_text
@@ -89,6 +89,9 @@ def evaluate(
 
     Returns:
         The same ``Evaluation`` on every rank.
+
+    Under FSDP2 (sharded forward passes, collective) every rank answers as many prompts as the busiest one, so in as
+    many batches: its list is padded with copies of a prompt, whose answers are dropped.
     """
     was_training = model.training
     model.eval()
@@ -96,16 +99,22 @@ def evaluate(
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     mine = indices[rank::world]
     conversations = [dataset.conversation(i) for i in mine]
-    positive_scores: list[float | None] = [None] * len(mine)
-    if labels:
-        answers = []
-        for k, conversation in enumerate(conversations):
-            scores = torch.tensor(label_scores(model, processor, conversation, labels))
-            answers.append(labels[int(scores.argmax())])
-            if task.positive in labels:
-                positive_scores[k] = float(scores.softmax(0)[labels.index(task.positive)])
-    else:
-        answers = generate_answers(model, processor, conversations, batch_size, max_new_tokens)
+    if is_sharded(model) and indices:
+        busiest = -(-len(indices) // world)  # ceil(n / world): the first n % world ranks hold one more
+        filler = conversations[0] if conversations else dataset.conversation(indices[0])
+        conversations += [filler] * (busiest - len(mine))
+    positive_scores: list[float | None] = [None] * len(conversations)
+    with whole_root(model):
+        if labels:
+            answers = []
+            for k, conversation in enumerate(conversations):
+                scores = torch.tensor(label_scores(model, processor, conversation, labels))
+                answers.append(labels[int(scores.argmax())])
+                if task.positive in labels:
+                    positive_scores[k] = float(scores.softmax(0)[labels.index(task.positive)])
+        else:
+            answers = generate_answers(model, processor, conversations, batch_size, max_new_tokens)
+    answers, positive_scores = answers[: len(mine)], positive_scores[: len(mine)]  # the padding's answers dropped
     local = []
     for i, answer, positive in zip(mine, answers, positive_scores, strict=True):
         record = dataset.records[i]

@@ -4,7 +4,8 @@ and one-off questions. Evaluation (``evaluate.py``) and the ``generate`` command
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,33 @@ from phi3v.model import without_adapters
 from phi3v.processing import Conversation, Turn
 from phi3v.processing.chat import ANSWER_SUFFIX
 from phi3v.processing.processor import MODEL_INPUTS, Phi3VProcessor
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """True for a model sharded by FSDP2 (``fully_shard``): its forward passes are collective, so every rank must
+    run as many as the others (``evaluate`` pads the ranks' prompts; generation runs with ``synced_gpus``)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+@contextmanager
+def whole_root(model: torch.nn.Module) -> Iterator[None]:
+    """Under FSDP2, the root unit's parameters (embeddings, final norm, output head, projector) gathered for the
+    block; elsewhere nothing.
+
+    The root's forward hooks gather them only when the root module itself is called, but PEFT's ``generate`` calls
+    the inner model, and label scoring calls the embedding layers directly. The decoder layers and the CLIP tower
+    are units of their own and gather themselves when called.
+    """
+    if not is_sharded(model):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
 
 
 @torch.no_grad()
@@ -62,7 +90,9 @@ def generate_tokens(
     inputs = {k: batch[k].to(device) for k in MODEL_INPUTS if batch[k] is not None}
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-    settings = {"do_sample": False, **generate_kwargs}
+    # Sharded (FSDP2): a rank whose rows are done keeps running forward passes until every rank's are (transformers
+    # all-reduces a "done" flag each step), so that the layers' all-gathers pair up across ranks.
+    settings = {"do_sample": False, "synced_gpus": is_sharded(model), **generate_kwargs}
     output = model.generate(
         **inputs,
         max_new_tokens=max_new_tokens,

@@ -167,7 +167,15 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
         if pixel_values is None:
             if n_positions:
                 raise ValueError(f"input_ids hold {n_positions} image-token positions but no pixel_values were given")
+            if self._other_rank_runs_vision(embeds.device, has_images=False):
+                # A blank 1x1-grid image (global view + one crop) through the sharded tower, weighted 0: the same
+                # embeddings and a zero gradient for the image side, and the tower's collectives pair up.
+                size = self.vision_embed_tokens.crop_size
+                blank = embeds.new_zeros(1, 2, 3, size, size)  # [1, 1 + 1 crop, 3, S, S]
+                sizes = torch.tensor([[size, size]], device=embeds.device)
+                embeds = embeds + 0.0 * self.vision_embed_tokens(blank, sizes).sum()
         else:
+            self._other_rank_runs_vision(embeds.device, has_images=True)
             if image_sizes is None:
                 raise ValueError("pixel_values were given without image_sizes")
             features = self.vision_embed_tokens(pixel_values, image_sizes)  # [T, E]
@@ -180,6 +188,23 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
                 )
             embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), features.to(embeds.dtype))
         return self.embed_dropout(embeds)
+
+    def _other_rank_runs_vision(self, device: torch.device, has_images: bool) -> bool:
+        """Whether this rank, with no images of its own, must run the CLIP tower because another rank does.
+
+        Only under FSDP2 (``train.engine.shard_fsdp2``), where the tower is a sharded unit of its own: running it
+        all-gathers its parameters (and backward reduce-scatters its gradients), which every rank must do
+        together. The ranks agree with one all-reduce per forward. Elsewhere: False, and no collective.
+        """
+        from torch.distributed.fsdp import FSDPModule
+
+        if not isinstance(self.vision_embed_tokens.img_processor, FSDPModule):
+            return False
+        import torch.distributed as dist
+
+        flag = torch.tensor([int(has_images)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return not has_images and bool(flag.item())
 
     def forward(
         self,

@@ -12,6 +12,9 @@ A checkpoint ``RUN/checkpoints/step-0000050/`` holds
 The folder is assembled under a temporary name and renamed into place, so a crash leaves no folder that looks
 complete; ``find_resumable`` also recomputes the manifest, so a file damaged later is caught and the previous
 checkpoint is used instead.
+
+``Checkpointer`` writes and reads all of it for every engine (DDP, DeepSpeed ZeRO-2, FSDP2); the training loop
+calls its ``save`` and ``load``.
 """
 
 from __future__ import annotations
@@ -182,7 +185,242 @@ def find_resumable(run_dir: str | os.PathLike) -> Path | None:
     return None
 
 
-# ---- state pieces -----------------------------------------------------------------------------------------------
+# ---- the checkpointer ---------------------------------------------------------------------------------------------
+
+
+class Checkpointer:
+    """Saves and restores a run's whole training state, for every engine; the loop calls ``save`` and ``load``.
+
+    What each engine contributes:
+
+    * ``ddp``: every process holds the whole model and optimizer; the main process saves them, and on resume every
+      process reads them.
+    * ``deepspeed_zero2``: parameters are whole everywhere, but the fp32 master weights and the Adam moments are
+      split across processes. The main process saves the parameters; every process saves its own ZeRO partition
+      (``zero-rank{r}.*``), so a resume needs the same number of processes.
+    * ``fsdp2``: parameters and moments are sharded DTensors. They are gathered into whole tensors on the main
+      process for saving (the checkpoint looks like a DDP one). On resume only the main process reads the files;
+      ``broadcast_from_rank0`` sends each tensor to the others, which keep their shard of it, so host memory does
+      not grow with the number of processes.
+
+    Scheduler, fp16 loss scaler, trainer state (json) and every rank's RNG state (safetensors + json) are the same
+    for all engines. DeepSpeed's own checkpoints (``torch.save`` pickles) are never written or read.
+
+    Args:
+        run_dir: The run's ``output_dir``; checkpoints go to ``run_dir/checkpoints/step-{step:07d}``.
+        accelerator: The run's ``Accelerator`` (engine, process index and count, barrier, fp16 scaler).
+        model: The model as prepared (FSDP2: the sharded root module).
+        optimizer: The optimizer as prepared.
+        scheduler: The learning-rate scheduler (its ``state_dict`` is json).
+        names: The optimizer's parameter names, in its order (from ``make_optimizer``).
+        keep_last: Checkpoints kept besides the best one.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, accelerator, model, optimizer, scheduler, names: list[str],
+                 keep_last: int) -> None:  # fmt: skip
+        self.run_dir = Path(run_dir)
+        self.accelerator, self.model, self.scheduler = accelerator, model, scheduler
+        self.unwrapped = accelerator.unwrap_model(model)
+        self.optimizer = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer  # under Accelerate's
+        self.names, self.keep_last = names, keep_last
+        if accelerator.is_fsdp2:
+            self.engine = "fsdp2"
+        elif accelerator.distributed_type.name == "DEEPSPEED":
+            self.engine = "deepspeed_zero2"
+        else:
+            self.engine = "ddp"
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
+
+    # ---- save --------------------------------------------------------------------------------------------------
+
+    def save(self, state: TrainerState) -> Path:
+        """Write the checkpoint of ``state.step`` and prune older ones (keeping ``state.best_checkpoint``).
+
+        Collective: every process calls it. Rank 0 writes weights, optimizer (DeepSpeed: every rank its ZeRO
+        partition), scheduler and trainer state; every rank its RNG state. The folder is assembled under
+        ``.tmp-step-*`` and renamed into place once the manifest is written.
+
+        Returns:
+            The checkpoint folder.
+        """
+        scaler = self.accelerator.scaler
+        state = dataclasses.replace(state, world_size=self.world,
+                                    scaler=scaler.state_dict() if scaler is not None else state.scaler)  # fmt: skip
+        trainable, moments, partition = self._gather()  # collective (sharded engines)
+        final = checkpoint_dir(self.run_dir, state.step)
+        staging = final.parent / f".tmp-{final.name}"
+        main, barrier = self.rank == 0, self.accelerator.wait_for_everyone
+        if main:
+            if staging.exists():
+                shutil.rmtree(staging)
+            staging.mkdir(parents=True)
+        try:
+            barrier()
+            tensors, meta = rng_state()
+            _write_pair(staging, f"rng-rank{self.rank}", tensors, meta)
+            if partition is not None:
+                _write_pair(staging, f"zero-rank{self.rank}", *partition)
+            if main:
+                save_file(trainable, staging / "trainable.safetensors")
+                if moments is not None:
+                    _write_pair(staging, "optimizer", *moments)
+                atomic_write_text(staging / "scheduler.json", json.dumps(self.scheduler.state_dict()))
+                atomic_write_text(staging / "trainer_state.json", json.dumps(state.to_dict()))
+            barrier()
+            if main:
+                write_manifest(staging)
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(staging, final)
+        except BaseException:  # Ctrl-C or a failed write: no half-written folder stays behind
+            if main:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+        barrier()
+        if main:
+            best = {Path(state.best_checkpoint).resolve()} if state.best_checkpoint else set()
+            prune(self.run_dir, self.keep_last, best)
+        return final
+
+    def _gather(self) -> tuple[dict | None, tuple | None, tuple | None]:
+        """(trainable weights, optimizer moments) on rank 0 (None elsewhere), and this rank's ZeRO partition."""
+        main = self.rank == 0
+        if self.engine == "fsdp2":
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+                get_optimizer_state_dict,
+            )
+
+            # whole tensors, on the main process only (others get empty dicts); frozen weights are not gathered
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+            weights = get_model_state_dict(self.model, options=options)
+            moments = get_optimizer_state_dict(self.model, self.optimizer, options=options)
+            if not main:
+                return None, None, None
+            groups = [{**g, "params": [self.names.index(p) for p in g["params"]]} for g in moments["param_groups"]]
+            return _cpu(weights), split_moments(moments["state"], groups, self.names), None
+        partition = None
+        if self.engine == "deepspeed_zero2":  # the moments live in each process's partition
+            partition = zero_partition_state(self.optimizer)
+        if not main:
+            return None, None, partition
+        trainable = _cpu({n: p for n, p in self.unwrapped.named_parameters() if p.requires_grad})
+        moments = None if partition is not None else optimizer_state(self.optimizer, self.names)
+        return trainable, moments, partition
+
+    # ---- load --------------------------------------------------------------------------------------------------
+
+    def load(self, folder: Path, run: dict[str, Any]) -> TrainerState:
+        """Restore a checkpoint: weights, optimizer, scheduler, loss scaler and this rank's RNG state.
+
+        Collective: every process calls it. Under FSDP2 only rank 0 reads the weights and moments and broadcasts
+        them. The RNG state goes in last, so nothing after this call may draw from the RNGs before the step.
+
+        Args:
+            folder: A checkpoint folder (verified here again).
+            run: This run's settings that the checkpoint must have been written with (``TrainerState.run``).
+
+        Returns:
+            The checkpoint's trainer state, with this run's ``world_size``.
+
+        Raises:
+            CheckpointError: when the settings, the trainable parameters, the optimizer's parameters or (DeepSpeed)
+                the number of processes differ from the checkpoint's, or this rank's RNG file is missing.
+        """
+        verify(folder)
+        saved = TrainerState.from_json(folder / "trainer_state.json")
+        changed = {k: (saved.run.get(k), v) for k, v in run.items() if saved.run.get(k) != v}
+        if changed:
+            listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+            raise CheckpointError(f"{folder} was written by a run with other settings ({listed}); resume with "
+                                  "the same settings or start a new output_dir")  # fmt: skip
+        rng_file = folder / f"rng-rank{self.rank}.safetensors"
+        if not rng_file.exists():
+            raise CheckpointError(f"{rng_file}: missing; resume with the same number of processes as the run "
+                                  f"({saved.world_size}, not {self.world})")  # fmt: skip
+        if self.engine == "deepspeed_zero2" and saved.world_size != self.world:
+            raise CheckpointError(
+                f"{folder}: written by {saved.world_size} processes; DeepSpeed's ZeRO partitions the optimizer "
+                f"state by process, so resume with {saved.world_size}, not {self.world}"
+            )
+        trainable_names = {n for n, p in self.unwrapped.named_parameters() if p.requires_grad}
+        if self.engine == "fsdp2":
+            self._load_fsdp2(folder, trainable_names)
+        else:
+            trainable = load_file(folder / "trainable.safetensors")
+            self._check_trainable(folder, set(trainable), trainable_names)
+            params = dict(self.unwrapped.named_parameters())
+            with torch.no_grad():
+                for name, tensor in trainable.items():
+                    params[name].copy_(tensor)
+            if self.engine == "deepspeed_zero2":
+                zero = folder / f"zero-rank{self.rank}"
+                restore_zero_partition(self.optimizer, _read_pair(zero), self.rank, self.world)
+            else:
+                tensors, meta = _read_pair(folder / "optimizer")
+                load_optimizer_state(self.optimizer, tensors, meta, self.names)
+        self.scheduler.load_state_dict(_read_json(folder / "scheduler.json"))
+        if saved.scaler is not None and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(saved.scaler)
+        set_rng_state(load_file(rng_file), _read_json(folder / f"rng-rank{self.rank}.json"))
+        return dataclasses.replace(saved, world_size=self.world)
+
+    def _load_fsdp2(self, folder: Path, trainable_names: set[str]) -> None:
+        """Rank 0 reads whole tensors; ``broadcast_from_rank0`` scatters them into every rank's shards."""
+        import torch.distributed as dist
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        weights, moments, problem = {}, {}, [None]
+        if self.rank == 0:
+            weights = load_file(folder / "trainable.safetensors")
+            tensors, meta = _read_pair(folder / "optimizer")
+            try:
+                moments = {
+                    "state": join_moments(tensors, meta, self.names),
+                    "param_groups": [{**g, "params": [self.names[i] for i in g["params"]]}
+                                     for g in meta["param_groups"]],
+                }  # fmt: skip
+                problem = [self._trainable_problem(folder, set(weights), trainable_names)]
+            except CheckpointError as err:
+                problem = [str(err)]
+        # rank 0's checks, shared, so that every rank raises the same error rather than waiting in the broadcast
+        dist.broadcast_object_list(problem, src=0)
+        if problem[0]:
+            raise CheckpointError(problem[0])
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+        set_model_state_dict(self.model, weights, options=options)
+        set_optimizer_state_dict(self.model, self.optimizer, moments, options=options)
+
+    @staticmethod
+    def _trainable_problem(folder: Path, saved: set[str], trainable: set[str]) -> str | None:
+        differ = sorted(saved ^ trainable)
+        return f"{folder}: trainable parameters differ from this run's: {differ[:5]}" if differ else None
+
+    def _check_trainable(self, folder: Path, saved: set[str], trainable: set[str]) -> None:
+        if problem := self._trainable_problem(folder, saved, trainable):
+            raise CheckpointError(problem)
+
+
+def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+
+
+def _write_pair(folder: Path, stem: str, tensors: dict[str, torch.Tensor], meta: Any) -> None:
+    """``{stem}.safetensors`` + ``{stem}.json``."""
+    save_file(tensors, folder / f"{stem}.safetensors")
+    atomic_write_text(folder / f"{stem}.json", json.dumps(meta))
+
+
+def _read_pair(stem: Path) -> tuple[dict[str, torch.Tensor], Any]:
+    return load_file(stem.with_name(stem.name + ".safetensors")), _read_json(stem.with_name(stem.name + ".json"))
+
+
+# ---- optimizer state --------------------------------------------------------------------------------------------
 
 
 def optimizer_state(optimizer: torch.optim.Optimizer, names: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
@@ -220,7 +458,33 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict, meta: 
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+def zero_partition_state(zero_optimizer) -> tuple[dict[str, torch.Tensor], Any]:
+    """This process's ZeRO-1/2 optimizer state (fp32 master partition, Adam moments, loss scale) as
+    (tensors, json tree)."""
+    state = dict(zero_optimizer.state_dict())
+    scaler = state.pop("loss_scaler")
+    state["loss_scaler"] = {k: v for k, v in vars(scaler).items() if v is None or isinstance(v, bool | int | float)}
+    state.pop("param_slice_mappings", None)  # only DeepSpeed's "universal" checkpoint conversion reads these
+    return flatten(state)
+
+
+def restore_zero_partition(zero_optimizer, saved: tuple[dict[str, torch.Tensor], Any], rank: int, world: int) -> None:
+    """Load this process's partition (from ``zero_partition_state``), fp32 master weights included."""
+    state = unflatten(*saved)
+    for key, value in state.pop("loss_scaler").items():
+        setattr(zero_optimizer.loss_scaler, key, value)
+    state["loss_scaler"] = zero_optimizer.loss_scaler
+    # DeepSpeed indexes the list by rank; a rigid (same world size) checkpoint reads only its own entry.
+    partitions = [None] * world
+    partitions[rank] = state
+    zero_optimizer.load_state_dict(partitions, load_optimizer_states=True, load_from_fp32_weights=True)
+
+
+# ---- RNG state --------------------------------------------------------------------------------------------------
+
+
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    """This process's torch (CPU and every CUDA device), NumPy and Python RNG states as (tensors, json)."""
     tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -239,6 +503,7 @@ def _plain(value: Any) -> Any:
 
 
 def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """The inverse of ``rng_state``."""
     torch.set_rng_state(tensors["torch"])
     cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda"))]
     if cuda and torch.cuda.is_available():
@@ -249,92 +514,44 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
 
 
-# ---- save / load ------------------------------------------------------------------------------------------------
+# ---- nested state <-> safetensors + json --------------------------------------------------------------------------
 
 
-def save_checkpoint(
-    run_dir: str | os.PathLike,
-    step: int,
-    state: dict[str, Any],
-    scheduler: Any,
-    trainer_state: TrainerState,
-    rank: int,
-    world_size: int,
-    barrier,
-) -> Path:
-    """Write a checkpoint: rank 0 the weights and optimizer, every rank its RNG state (and ZeRO partition).
+def flatten(tree: Any) -> tuple[dict[str, torch.Tensor], Any]:
+    """A nest of dicts, lists, tensors and plain values as (tensors by path, json-able skeleton).
 
-    ``state`` is ``engine.training_state``'s: ``trainable`` and ``optimizer`` (on rank 0), ``rank_optimizer``
-    (per rank, DeepSpeed only).
+    Raises:
+        TypeError: for a value json cannot hold (it would need pickle), naming its path.
     """
-    final = checkpoint_dir(run_dir, step)
-    staging = final.parent / f".tmp-{final.name}"
-    if rank == 0:
-        if staging.exists():
-            shutil.rmtree(staging)
-        staging.mkdir(parents=True)
-    try:
-        barrier()
-        _write_pieces(staging, state, scheduler, trainer_state, rank, world_size)
-        barrier()
-        if rank == 0:
-            write_manifest(staging)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(staging, final)
-    except BaseException:  # Ctrl-C or a failed write: no half-written folder stays behind
-        if rank == 0:
-            shutil.rmtree(staging, ignore_errors=True)
-        raise
-    barrier()
-    return final
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(value: Any, path: str) -> Any:
+        if isinstance(value, torch.Tensor):
+            tensors[path] = value.detach().to("cpu", copy=True).contiguous()
+            return {"tensor": path}
+        if isinstance(value, dict):  # keys kept with their type (optimizer states use int keys)
+            return {"dict": [[k, walk(v, f"{path}/{k}")] for k, v in value.items()]}
+        if isinstance(value, list | tuple):
+            return {"list": [walk(v, f"{path}/{i}") for i, v in enumerate(value)]}
+        if value is None or isinstance(value, bool | int | float | str):
+            return {"value": value}
+        raise TypeError(f"{path or '/'}: a {type(value).__name__} cannot be stored without pickle")
+
+    return tensors, walk(tree, "")
 
 
-def _write_pieces(staging: Path, state: dict[str, Any], scheduler: Any, trainer_state: TrainerState, rank: int,
-                  world_size: int) -> None:  # fmt: skip
-    tensors, meta = rng_state()
-    save_file(tensors, staging / f"rng-rank{rank}.safetensors")
-    atomic_write_text(staging / f"rng-rank{rank}.json", json.dumps(meta))
-    if state.get("rank_optimizer") is not None:
-        tensors, meta = state["rank_optimizer"]
-        save_file(tensors, staging / f"zero-rank{rank}.safetensors")
-        atomic_write_text(staging / f"zero-rank{rank}.json", json.dumps(meta))
-    if rank == 0:
-        trainable = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state["trainable"].items()}
-        save_file(trainable, staging / "trainable.safetensors")
-        if state.get("optimizer") is not None:
-            opt_tensors, opt_meta = state["optimizer"]
-            save_file(opt_tensors, staging / "optimizer.safetensors")
-            atomic_write_text(staging / "optimizer.json", json.dumps(opt_meta))
-        atomic_write_text(staging / "scheduler.json", json.dumps(scheduler.state_dict()))
-        saved = dataclasses.replace(trainer_state, world_size=world_size)
-        atomic_write_text(staging / "trainer_state.json", json.dumps(saved.to_dict()))
+def unflatten(tensors: dict[str, torch.Tensor], skeleton: Any) -> Any:
+    """The inverse of ``flatten``."""
+    if "tensor" in skeleton:
+        return tensors[skeleton["tensor"]]
+    if "dict" in skeleton:
+        return {k: unflatten(tensors, v) for k, v in skeleton["dict"]}
+    if "list" in skeleton:
+        return [unflatten(tensors, v) for v in skeleton["list"]]
+    return skeleton["value"]
 
 
-def load_checkpoint(folder: Path, rank: int) -> dict:
-    """Read a verified checkpoint's pieces (no pickles anywhere)."""
-    verify(folder)
-    rng_file = folder / f"rng-rank{rank}.safetensors"
-    if not rng_file.exists():
-        raise CheckpointError(f"{rng_file}: missing; resume with the same number of processes as the run")
-    loaded = {
-        "folder": folder,
-        "trainable": load_file(folder / "trainable.safetensors"),
-        "optimizer": None,
-        "optimizer_meta": None,
-        "rank_optimizer": None,
-        "scheduler": _read_json(folder / "scheduler.json"),
-        "trainer_state": TrainerState.from_json(folder / "trainer_state.json"),
-        "rng": load_file(rng_file),
-        "rng_meta": _read_json(folder / f"rng-rank{rank}.json"),
-    }
-    if (folder / "optimizer.safetensors").exists():
-        loaded["optimizer"] = load_file(folder / "optimizer.safetensors")
-        loaded["optimizer_meta"] = _read_json(folder / "optimizer.json")
-    zero = folder / f"zero-rank{rank}.safetensors"
-    if zero.exists():
-        loaded["rank_optimizer"] = (load_file(zero), _read_json(zero.with_suffix(".json")))
-    return loaded
+# ---- housekeeping -------------------------------------------------------------------------------------------------
 
 
 def prune(run_dir: str | os.PathLike, keep_last: int, keep: set[Path]) -> None:

@@ -261,8 +261,6 @@ class TrainConfig:
             problems.append(f"lora_alpha={self.lora_alpha}: must be positive")
         if not all(0 <= b < 1 for b in self.adam_betas):
             problems.append(f"adam_betas={list(self.adam_betas)}: each must be in [0, 1)")
-        if self.resolved_engine == "fsdp2" and self.val_data:
-            problems.append("engine=fsdp2 with val_data: evaluation during training is not supported on FSDP2 yet")
         if self.overwrite and self.resume is not None:
             problems.append(f"overwrite=true with resume={self.resume!r}: choose one (overwrite deletes the run)")
         if self.keep_last < 1:

@@ -1,13 +1,18 @@
-"""What differs between the engines: building the Accelerator, and taking the training state out and back in.
+"""What differs between the engines when setting up: the Accelerator, and (FSDP2) how the model is sharded and
+loaded. Saving and restoring the training state is ``checkpoint.Checkpointer``'s.
 
-* ``ddp``: every process holds the whole model and optimizer; the main process saves them.
-* ``deepspeed_zero2``: parameters are whole everywhere, but the fp32 master weights and the Adam moments are
-  split across processes. The main process saves the parameters; every process saves its own ZeRO partition
-  (``zero-rank{r}.*``), so a resume needs the same number of processes.
-* ``fsdp2``: parameters and moments are sharded DTensors. They are gathered into whole tensors on the main
-  process for saving (the checkpoint looks like a DDP one) and scattered again on resume.
+* ``ddp``: every process holds the whole model and optimizer.
+* ``deepspeed_zero2``: parameters are whole everywhere; fp32 master weights, gradients and Adam moments are split
+  across processes (DeepSpeed through Accelerate's plugin).
+* ``fsdp2``: parameters, gradients and moments are sharded DTensors, as torchtitan applies FSDP2: ``fully_shard``
+  on each decoder layer, on the CLIP tower, then on the root (``shard_fsdp2``). We call torch's ``fully_shard``
+  ourselves rather than through Accelerate's plugin, whose class-name wrap policy and loading path would hide the
+  units, their order, ``reshard_after_forward`` and the rank-0 load behind settings; written out, they read as
+  torchtitan's ``apply_fsdp``. Accelerate still forms the process group and runs backward, gradient accumulation
+  (``set_requires_gradient_sync``) and clipping; its ``prepare`` leaves a module that is already an
+  ``FSDPModule`` as it is.
 
-All of it is safetensors + json: DeepSpeed's own checkpoints (``torch.save`` pickles) are never written or read.
+Notation: ``N`` processes, ``P`` bytes of the whole model's parameters.
 """
 
 from __future__ import annotations
@@ -18,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from phi3v.train import checkpoint as ckpt
+from phi3v.model import without_adapters
 from phi3v.train.config import TrainConfig
 
 
@@ -59,7 +65,8 @@ def make_accelerator(config: TrainConfig, accumulation: int, find_unused_paramet
     elif engine == "fsdp2":
         from accelerate.utils import FullyShardedDataParallelPlugin
 
-        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=False)
+        # The plugin tells Accelerate that the run is FSDP2; shard_fsdp2 applies fully_shard itself.
+        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True)
 
     cpu = not torch.cuda.is_available()
     if cpu and engine == "deepspeed_zero2":
@@ -82,149 +89,108 @@ def make_accelerator(config: TrainConfig, accumulation: int, find_unused_paramet
     return accelerator
 
 
-def _inner(optimizer):
-    """The optimizer under Accelerate's wrapper (for DeepSpeed: its ZeRO optimizer)."""
-    return optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
-
-
 def is_deepspeed(accelerator) -> bool:
     return accelerator.distributed_type.name == "DEEPSPEED"
 
 
-# ---- out ---------------------------------------------------------------------------------------------------------
+# ---- FSDP2 ---------------------------------------------------------------------------------------------------------
+
+RESHARD_AFTER_FORWARD = True
+"""Decoder layers and the CLIP tower free their gathered parameters after their forward and gather them again in
+backward (ZeRO-3). FSDP2 is the engine for models whose fp32 state does not fit whole on each device (ZeRO-2 is
+the faster choice when it does); keeping every layer gathered from forward to backward (``False``) would hold the
+whole bf16 model on every device during the step, which is what sharding is meant to avoid. The price is one more
+all-gather per layer in backward, overlapped with compute by FSDP2's prefetching. The root module (embeddings,
+final norm, output head, projector, separators) is never resharded after forward: backward starts with it."""
 
 
-def training_state(accelerator, model, unwrapped, optimizer, names: list[str]) -> dict[str, Any]:
-    """The state a checkpoint holds. Collective: every process calls it.
+def mixed_precision_policy(precision: str):
+    """FSDP2's mixed precision for ``precision``.
 
-    Returns ``trainable`` (name -> tensor) and ``optimizer`` ((tensors, json) by parameter name) on the main
-    process, None elsewhere; ``rank_optimizer`` ((tensors, json) of this process's ZeRO partition) or None.
+    bf16 / fp16: the fp32 shards are cast once per all-gather to a bf16 / fp16 compute copy, and gradients are
+    reduce-scattered in fp32 into the fp32 shards (the optimizer steps fp32 master weights). fp32: nothing is cast.
+
+    Args:
+        precision: ``"bf16"``, ``"fp16"`` or ``"fp32"``.
+
+    Returns:
+        A ``torch.distributed.fsdp.MixedPrecisionPolicy``.
+
+    Raises:
+        ValueError: for another precision.
     """
-    main = accelerator.is_main_process
-    state: dict[str, Any] = {"trainable": None, "optimizer": None, "rank_optimizer": None}
-    trainable_names = {n for n, p in unwrapped.named_parameters() if p.requires_grad}
-    if accelerator.is_fsdp2:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_optimizer_state_dict,
-        )
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, main process only
-        weights = get_model_state_dict(model, options=options)
-        moments = get_optimizer_state_dict(model, _inner(optimizer), options=options)
-        if main:
-            state["trainable"] = {n: t for n, t in weights.items() if n in trainable_names}
-            state["optimizer"] = _by_name(moments, names)
-        return state
-    deepspeed = is_deepspeed(accelerator)
-    if deepspeed:  # the moments live in each process's partition
-        state["rank_optimizer"] = zero_partition_state(_inner(optimizer))
-    if main:
-        state["trainable"] = {n: p for n, p in unwrapped.named_parameters() if n in trainable_names}
-        if not deepspeed:
-            state["optimizer"] = ckpt.optimizer_state(_inner(optimizer), names)
-    return state
+    if precision == "fp32":
+        return MixedPrecisionPolicy()
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision not in dtypes:
+        raise ValueError(f"precision={precision!r}: expected bf16, fp16 or fp32")
+    return MixedPrecisionPolicy(param_dtype=dtypes[precision], reduce_dtype=torch.float32)
 
 
-def _by_name(moments: dict, names: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
-    """torch's name-keyed (full) optimizer state dict in our checkpoint layout (see ``ckpt.optimizer_state``)."""
-    groups = [{**g, "params": [names.index(p) for p in g["params"]]} for g in moments["param_groups"]]
-    return ckpt.split_moments(moments["state"], groups, names)
+def shard_fsdp2(model: nn.Module, precision: str, device: torch.device) -> nn.Module:
+    """Shard ``model`` with FSDP2 and fill every rank's shards from rank 0's weights. Collective.
+
+    On rank 0 ``model`` holds the weights (on the CPU); on the other ranks it is the same model built on the meta
+    device (shapes only). Rank 0 keeps its weights as a state dict [P bytes of host memory], every rank turns its
+    model into meta tensors, shards it, allocates its own shards on ``device`` [P / N bytes each], and
+    ``set_model_state_dict(..., broadcast_from_rank0=True)`` sends each whole tensor from rank 0 to the others, which
+    keep their shard of it. Host memory is therefore P on rank 0 and P / N elsewhere, instead of P on every rank.
+
+    Sharding units, in order (torchtitan's order: children before the root):
+
+    * each decoder layer ``model.layers[i]``;
+    * the CLIP tower (``vision_embed_tokens.img_processor``) as one unit. Its layers are small (CLIP-L: 12.6M
+      parameters each against 113M per decoder layer) and run back to back once per step, so one all-gather of the
+      tower is cheaper than 23 small ones and still frees it after the image encoding. (It is its own unit, apart
+      from the root, so that text-only steps and generation's decode steps need not gather it at all; see
+      ``Phi3VModel.embed`` for how ranks agree on running it.)
+    * the root (``model`` itself, the PEFT wrapper for LoRA): embeddings, final norm, output head, projector and
+      separators.
+
+    Args:
+        model: The model after ``apply_strategy`` (and activation checkpointing / compile, which wrap the layers
+            in place and so come first, as in torchtitan).
+        precision: The run's precision (``mixed_precision_policy``).
+        device: Where the shards live (``accelerator.device``).
+
+    Returns:
+        ``model``, sharded in place (now a ``torch.distributed.fsdp.FSDPModule``).
+    """
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    full = model.state_dict() if dist.get_rank() == 0 else {}  # references to rank 0's weights, no copy
+    model.to("meta")  # the modules drop their storage; rank 0's weights live on in `full` only
+    policy = mixed_precision_policy(precision)
+    base = without_adapters(model)
+    for layer in base.model.layers:
+        fully_shard(layer, mp_policy=policy, reshard_after_forward=RESHARD_AFTER_FORWARD)
+    fully_shard(base.model.vision_embed_tokens.img_processor, mp_policy=policy,
+                reshard_after_forward=RESHARD_AFTER_FORWARD)  # fmt: skip
+    fully_shard(model, mp_policy=policy, reshard_after_forward=False)
+    model.to_empty(device=device)  # this rank's shards, uninitialised
+    base.reset_buffers()  # rotary frequencies and CLIP position ids: not in any state dict
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return model
 
 
-def zero_partition_state(zero_optimizer) -> tuple[dict[str, torch.Tensor], Any]:
-    """This process's ZeRO-1/2 optimizer state (fp32 master partition, Adam moments, loss scale) as
-    (tensors, json tree)."""
-    state = dict(zero_optimizer.state_dict())
-    scaler = state.pop("loss_scaler")
-    state["loss_scaler"] = {k: v for k, v in vars(scaler).items() if v is None or isinstance(v, bool | int | float)}
-    state.pop("param_slice_mappings", None)  # only DeepSpeed's "universal" checkpoint conversion reads these
-    return flatten(state)
+def fsdp2_layout(model: nn.Module) -> dict[str, Any]:
+    """The FSDP2 units and every rank's share of the parameters, for the log and ``summary.json``. Collective.
 
+    Returns:
+        ``units``: names of the modules that are FSDP units (``""`` is the root); ``param_bytes``: bytes of the
+        whole (unsharded) parameters; ``local_param_bytes``: bytes of each rank's shards, by rank.
+    """
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
 
-# ---- back in -----------------------------------------------------------------------------------------------------
-
-
-def restore_training_state(accelerator, model, unwrapped, optimizer, names: list[str], loaded: dict) -> None:
-    """Put a checkpoint's weights and optimizer state back (``loaded`` from ``ckpt.load_checkpoint``)."""
-    params = dict(unwrapped.named_parameters())
-    missing = sorted(set(loaded["trainable"]) ^ {n for n, p in params.items() if p.requires_grad})
-    if missing:
-        raise EngineError(f"{loaded['folder']}: trainable parameters differ from this run's: {missing[:5]}")
-    if accelerator.is_fsdp2:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
-
-        meta = loaded["optimizer_meta"]
-        moments = {
-            "state": ckpt.join_moments(loaded["optimizer"], meta, names),
-            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in meta["param_groups"]],
-        }
-        options = StateDictOptions(full_state_dict=True, strict=False)  # every process holds the whole state
-        set_model_state_dict(model, loaded["trainable"], options=options)
-        set_optimizer_state_dict(model, _inner(optimizer), moments, options=options)
-        return
-
-    with torch.no_grad():
-        for name, tensor in loaded["trainable"].items():
-            params[name].copy_(tensor)
-    if is_deepspeed(accelerator):
-        saved_world = loaded["trainer_state"].world_size
-        if saved_world != accelerator.num_processes:
-            raise EngineError(
-                f"{loaded['folder']}: written by {saved_world} processes; DeepSpeed's ZeRO partitions the optimizer "
-                f"state by process, so resume with {saved_world}, not {accelerator.num_processes}"
-            )
-        restore_zero_partition(_inner(optimizer), loaded["rank_optimizer"], accelerator.process_index,
-                               accelerator.num_processes)  # fmt: skip
-    else:
-        ckpt.load_optimizer_state(_inner(optimizer), loaded["optimizer"], loaded["optimizer_meta"], names)
-
-
-def restore_zero_partition(zero_optimizer, saved: tuple[dict[str, torch.Tensor], Any], rank: int, world: int) -> None:
-    """Load this process's partition (from ``zero_partition_state``), fp32 master weights included."""
-    state = unflatten(*saved)
-    for key, value in state.pop("loss_scaler").items():
-        setattr(zero_optimizer.loss_scaler, key, value)
-    state["loss_scaler"] = zero_optimizer.loss_scaler
-    # DeepSpeed indexes the list by rank; a rigid (same world size) checkpoint reads only its own entry.
-    partitions = [None] * world
-    partitions[rank] = state
-    zero_optimizer.load_state_dict(partitions, load_optimizer_states=True, load_from_fp32_weights=True)
-
-
-# ---- nested state <-> safetensors + json --------------------------------------------------------------------------
-
-
-def flatten(tree: Any) -> tuple[dict[str, torch.Tensor], Any]:
-    """A nest of dicts, lists, tensors and plain values as (tensors by path, json-able skeleton)."""
-    tensors: dict[str, torch.Tensor] = {}
-
-    def walk(value: Any, path: str) -> Any:
-        if isinstance(value, torch.Tensor):
-            tensors[path] = value.detach().to("cpu", copy=True).contiguous()
-            return {"tensor": path}
-        if isinstance(value, dict):  # keys kept with their type (optimizer states use int keys)
-            return {"dict": [[k, walk(v, f"{path}/{k}")] for k, v in value.items()]}
-        if isinstance(value, list | tuple):
-            return {"list": [walk(v, f"{path}/{i}") for i, v in enumerate(value)]}
-        if value is None or isinstance(value, bool | int | float | str):
-            return {"value": value}
-        raise TypeError(f"{path or '/'}: a {type(value).__name__} cannot be stored without pickle")
-
-    return tensors, walk(tree, "")
-
-
-def unflatten(tensors: dict[str, torch.Tensor], skeleton: Any) -> Any:
-    """The inverse of ``flatten``."""
-    if "tensor" in skeleton:
-        return tensors[skeleton["tensor"]]
-    if "dict" in skeleton:
-        return {k: unflatten(tensors, v) for k, v in skeleton["dict"]}
-    if "list" in skeleton:
-        return [unflatten(tensors, v) for v in skeleton["list"]]
-    return skeleton["value"]
+    units = [name for name, module in model.named_modules() if isinstance(module, FSDPModule)]
+    params = list(model.parameters())
+    local = sum(p.to_local().numel() * p.element_size() for p in params)
+    per_rank: list[int | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, local)
+    return {"units": units, "param_bytes": sum(p.numel() * p.element_size() for p in params),
+            "local_param_bytes": per_rank}  # fmt: skip

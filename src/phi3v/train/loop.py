@@ -1,7 +1,9 @@
 """The training recipe, written out: setup, step, evaluate, save, resume.
 
-Accelerate runs the engine (single process or DDP; DeepSpeed ZeRO-2 and FSDP2 through its plugins) and mixed
-precision; ``engine.py`` holds what differs between engines; everything else is here, top to bottom.
+Accelerate runs the engine (single process or DDP; DeepSpeed ZeRO-2 through its plugin; FSDP2 with the model
+sharded by ``engine.shard_fsdp2``) and mixed precision; ``engine.py`` holds what differs between engines when
+setting up, ``checkpoint.Checkpointer`` saves and restores the training state; everything else is here, top to
+bottom.
 
 Batches. Optimizer step ``s`` uses the samples ``perm[s*G : (s+1)*G]`` of a seeded per-epoch permutation, ``G`` the
 global batch. Rank ``r``'s micro-batch ``m`` is the slice ``[(m*world + r)*B, +B)`` of it. The samples of a step
@@ -14,7 +16,6 @@ that count (times the accumulation steps and ranks that Accelerate/DDP average o
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -32,7 +33,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from phi3v.adapter_base import write_identity
 from phi3v.data.dataset import JsonlDataset
-from phi3v.model import Phi3VForCausalLM, build_model, without_adapters
+from phi3v.model import Phi3VConfig, Phi3VForCausalLM, build_model, without_adapters
 from phi3v.model.presets import PRESETS
 from phi3v.processing import Phi3VProcessor
 from phi3v.processing.chat import IGNORE_INDEX
@@ -41,7 +42,7 @@ from phi3v.tasks import get_task
 from phi3v.train import checkpoint as ckpt
 from phi3v.train import runlog
 from phi3v.train.config import TrainConfig
-from phi3v.train.engine import make_accelerator, restore_training_state, training_state
+from phi3v.train.engine import fsdp2_layout, is_deepspeed, make_accelerator, shard_fsdp2
 from phi3v.train.strategy import apply_strategy, component, parameter_counts, quantization_config
 from phi3v.utils import atomic_write_text, environment
 
@@ -84,12 +85,17 @@ def seed_everything(seed: int) -> None:
 
 
 def load_model_and_processor(
-    config: TrainConfig, device: torch.device | str = "cpu", quantize: bool = True
+    config: TrainConfig, device: torch.device | str = "cpu", quantize: bool = True, meta: bool = False
 ) -> tuple[Phi3VForCausalLM, Phi3VProcessor]:
     """The base model (fp32 master weights for full training; bf16/fp16 base for LoRA) and its processor.
 
-    A spec with ``quantize_base`` (QLoRA) reads the base 4-bit straight onto ``device`` (this process's device:
-    bitsandbytes layers cannot be moved between GPUs afterwards), unless ``quantize`` is false.
+    Args:
+        config: The run's settings (``model``, ``precision``, ``attention``, ``seed``, ``num_crops``).
+        device: This process's device. A spec with ``quantize_base`` (QLoRA) reads the base 4-bit straight onto it
+            (bitsandbytes layers cannot be moved between GPUs afterwards).
+        quantize: Read a ``quantize_base`` spec's base 4-bit (false: full precision, e.g. to save a preset base).
+        meta: Build the model on the meta device, without reading or initialising any weight (FSDP2's ranks other
+            than 0, which receive their shards from rank 0: ``engine.shard_fsdp2``).
     """
     base_dtype = torch.float32
     if config.spec.adapters and config.precision != "fp32":  # a frozen base needs no fp32 master weights
@@ -97,17 +103,22 @@ def load_model_and_processor(
     quantization = quantization_config(config) if quantize else None
     if config.model == "tiny":
         model = build_model("tiny", dtype=base_dtype, attn_implementation=config.attention, seed=config.seed,
-                            device=device if quantization else None, quantization_config=quantization)  # fmt: skip
+                            device="meta" if meta else (device if quantization else None),
+                            quantization_config=quantization)  # fmt: skip
         return model, Phi3VProcessor.tiny(num_crops=config.num_crops)
     if config.model in PRESETS:
         raise TrainingError(
             f"model={config.model!r} is a random-weight architecture preset without a tokenizer; pass the "
             "checkpoint directory (or hub id) of the real weights"
         )
-    placement = {"quantization_config": quantization, "device_map": {"": device}} if quantization else {}
-    model = Phi3VForCausalLM.from_pretrained(
-        config.model, dtype=base_dtype, attn_implementation=config.attention, **placement
-    )
+    if meta:
+        model = build_model(Phi3VConfig.from_pretrained(config.model), dtype=base_dtype, device="meta",
+                            attn_implementation=config.attention, seed=None)  # fmt: skip
+    else:
+        placement = {"quantization_config": quantization, "device_map": {"": device}} if quantization else {}
+        model = Phi3VForCausalLM.from_pretrained(
+            config.model, dtype=base_dtype, attn_implementation=config.attention, **placement
+        )
     return model, Phi3VProcessor.from_pretrained(config.model, num_crops=config.num_crops)
 
 
@@ -205,7 +216,9 @@ def train(config: TrainConfig) -> dict:
     accelerator.wait_for_everyone()
 
     seed_everything(config.seed)
-    model, processor = load_model_and_processor(config, accelerator.device)
+    fsdp2 = config.resolved_engine == "fsdp2"
+    # FSDP2: rank 0 reads the weights, the others build on the meta device and receive their shards
+    model, processor = load_model_and_processor(config, accelerator.device, meta=fsdp2 and not main)
     model = apply_strategy(model, config)
     if config.gradient_checkpointing:
         without_adapters(model).enable_activation_checkpointing(every_n_layers=config.checkpoint_every)
@@ -222,6 +235,14 @@ def train(config: TrainConfig) -> dict:
         )  # fmt: skip
         for name, c in counts.items():
             logger.info("%-10s trainable %14s of %14s parameters", name, f"{c['trainable']:,}", f"{c['total']:,}")
+    layout = None
+    if fsdp2:
+        model = shard_fsdp2(model, config.precision, accelerator.device)
+        layout = fsdp2_layout(model)
+        if main:
+            logger.info("fsdp2: %d units (%s); parameter bytes per rank %s of %s", len(layout["units"]),
+                        ", ".join(n or "<root>" for n in layout["units"]), layout["local_param_bytes"],
+                        layout["param_bytes"])  # fmt: skip
 
     dataset.processor = processor
     dataset.uint8_pixels = config.uint8_pixels
@@ -250,23 +271,19 @@ def train(config: TrainConfig) -> dict:
 
     optimizer, names = make_optimizer(model, config)
     scheduler = make_scheduler(optimizer, config, total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if fsdp2:
+        # Sharded already. Accelerate's prepare(model, optimizer) would re-point the optimizer at the parameters by
+        # data pointer, and the empty shards of small tensors (a [1, 1, E] separator on rank 1) all have pointer 0.
+        optimizer = accelerator.prepare_optimizer(optimizer)
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
 
+    checkpointer = ckpt.Checkpointer(run_dir, accelerator, model, optimizer, scheduler, names, config.keep_last)
     state = ckpt.TrainerState(run=_run_identity(config), world_size=world)
     if resume_from is not None:
-        loaded = ckpt.load_checkpoint(resume_from, rank)
-        saved = loaded["trainer_state"].run
-        changed = {k: (saved.get(k), v) for k, v in state.run.items() if saved.get(k) != v}
-        if changed:
-            listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
-            raise TrainingError(f"{resume_from} was written by a run with other settings ({listed}); resume with "
-                                "the same settings or start a new output_dir")  # fmt: skip
-        restore_training_state(accelerator, model, unwrapped, optimizer, names, loaded)
-        scheduler.load_state_dict(loaded["scheduler"])
-        state = dataclasses.replace(loaded["trainer_state"], world_size=world)
-        if state.scaler is not None and accelerator.scaler is not None:
-            accelerator.scaler.load_state_dict(state.scaler)
+        # weights, optimizer, scheduler, loss scaler and this rank's RNG state; nothing draws from the RNGs after it
+        state = checkpointer.load(resume_from, run=state.run)
         if main:
             logger.info("resumed from %s at step %d", resume_from, state.step)
             runlog.truncate_log(run_dir / "log.jsonl", state.step)
@@ -275,15 +292,14 @@ def train(config: TrainConfig) -> dict:
     sampler = GlobalBatchSampler(len(dataset), config, world, rank, state.step, total_steps)
     loader = DataLoader(
         dataset,
+        generator=torch.Generator().manual_seed(config.seed),  # the workers' seeds: not drawn from the global RNG
         batch_sampler=sampler,
         collate_fn=partial(collate, pad_token_id=processor.pad_token_id, pack=config.packing),
         num_workers=config.num_workers,
         persistent_workers=False,
         pin_memory=accelerator.device.type == "cuda",  # page-locked batches: the copies to the GPU run async
     )
-    batches = iter(loader)  # draws the loader's base seed from the torch RNG ...
-    if resume_from is not None:
-        ckpt.set_rng_state(loaded["rng"], loaded["rng_meta"])  # ... so the saved RNG state goes in after it
+    batches = iter(loader)
     writer = _tensorboard(run_dir, state.step) if main else None
     log_file = run_dir / "log.jsonl"
     if main and state.step == 0:
@@ -321,7 +337,7 @@ def train(config: TrainConfig) -> dict:
             if not math.isfinite(loss):  # checked before the update, so no checkpoint ever holds its result
                 raise TrainingError(f"step {step + 1}: the loss is {loss}; lower lr, or use bf16 instead of fp16")
             if step == 0 and resume_from is None:
-                if accelerator.distributed_type.name == "DEEPSPEED":
+                if is_deepspeed(accelerator):
                     logger.info("gradient audit skipped: DeepSpeed steps inside backward, its gradients are gone here")
                 else:
                     # a step without images leaves the image side without gradients; only the rest can be audited
@@ -336,8 +352,6 @@ def train(config: TrainConfig) -> dict:
             if not accelerator.optimizer_step_was_skipped:  # fp16 loss scaling skips steps with inf gradients
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            if accelerator.scaler is not None:
-                state.scaler = accelerator.scaler.state_dict()
             state.step = step + 1
             state.losses.append(loss)
             micro = []
@@ -351,7 +365,7 @@ def train(config: TrainConfig) -> dict:
                 progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
                 progress.update(1)
             evaluate_now = val is not None and ((config.eval_every and state.step % config.eval_every == 0) or last)
-            save = partial(_save, accelerator, model, unwrapped, optimizer, names, scheduler, state, config, run_dir)
+            save = partial(checkpointer.save, state)  # collective (sharded engines)
             scheduled = last or (config.save_every and state.step % config.save_every == 0)
             if scheduled:
                 save()  # before evaluating: a failing evaluation never costs the trained weights
@@ -374,11 +388,13 @@ def train(config: TrainConfig) -> dict:
             progress.close()
         if writer:
             writer.close()
-    return _finish(accelerator, model, unwrapped, processor, config, run_dir, state, main, samples)
+    return _finish(accelerator, model, unwrapped, processor, config, run_dir, state, main, samples, layout)
 
 
-def _finish(accelerator, model, unwrapped, processor, config, run_dir, state, main, samples) -> dict:
+def _finish(accelerator, model, unwrapped, processor, config, run_dir, state, main, samples, layout) -> dict:
     summary = {"steps": state.step, "losses": state.losses, **samples}
+    if layout is not None:  # FSDP2's units and each rank's parameter bytes
+        summary["fsdp2"] = layout
     final = run_dir / "final"
     # Gathering a sharded model is collective: every rank takes part, the main one writes.
     # (LoRA adapters are whole on every process, except under FSDP2, which shards them like the rest.)
@@ -468,17 +484,6 @@ def _evaluate(model, processor, val, task, config, state, writer, log_file, main
         state.best_checkpoint = str(ckpt.checkpoint_dir(config.output_dir, state.step).resolve())
         return True
     return False
-
-
-def _save(accelerator, model, unwrapped, optimizer, names, scheduler, state, config, run_dir) -> None:
-    pieces = training_state(accelerator, model, unwrapped, optimizer, names)  # collective (sharded engines)
-    ckpt.save_checkpoint(
-        run_dir, state.step, pieces, scheduler, state,
-        accelerator.process_index, accelerator.num_processes, accelerator.wait_for_everyone,
-    )  # fmt: skip
-    if accelerator.is_main_process:
-        best = {Path(state.best_checkpoint).resolve()} if state.best_checkpoint else set()
-        ckpt.prune(run_dir, config.keep_last, best)
 
 
 def _final_save(unwrapped, processor, config, final: Path, full_state) -> None:

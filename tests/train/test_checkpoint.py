@@ -1,0 +1,35 @@
+"""Checkpoint pieces that run in one process: the pickle-free nested-state round trip."""
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from phi3v.train.checkpoint import flatten, unflatten
+
+
+def test_nested_state_round_trips_through_safetensors_and_json(tmp_path):
+    import json
+
+    state = {
+        "base_optimizer_state": {"state": {0: {"exp_avg": torch.arange(4.0), "step": torch.tensor(3.0)}},
+                                 "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.95), "params": [0], "foreach": None}]},
+        "single_partition_of_fp32_groups": [torch.ones(3), torch.zeros(0)],
+        "loss_scaler": {"cur_scale": 65536.0, "dynamic": True},
+        "ds_version": "0.19.8",
+    }  # fmt: skip
+    tensors, skeleton = flatten(state)
+    save_file(tensors, tmp_path / "s.safetensors")
+    (tmp_path / "s.json").write_text(json.dumps(skeleton))
+    back = unflatten(load_file(tmp_path / "s.safetensors"), json.loads((tmp_path / "s.json").read_text()))
+
+    assert list(back["base_optimizer_state"]["state"]) == [0]  # int keys stay int
+    assert torch.equal(back["base_optimizer_state"]["state"][0]["exp_avg"], torch.arange(4.0))
+    assert back["base_optimizer_state"]["param_groups"][0]["betas"] == [0.9, 0.95]
+    assert back["single_partition_of_fp32_groups"][1].shape == (0,)
+    assert back["loss_scaler"] == {"cur_scale": 65536.0, "dynamic": True}
+    assert back["ds_version"] == "0.19.8"
+
+
+def test_objects_that_would_need_pickle_are_refused():
+    with pytest.raises(TypeError, match=r"/scaler: a object cannot be stored without pickle"):
+        flatten({"scaler": object()})
