@@ -1,10 +1,12 @@
 """Peak host memory (RSS) of each rank while FSDP2 loads a model: every rank reading the whole model, against
 rank 0 reading it and broadcasting the shards (``phi3v.train.engine.shard_fsdp2``, what ``phi3v train`` does).
 
-    python benchmarks/fsdp_rss.py [--nproc 2] [--out benchmarks/fsdp-rss.json]
+    python benchmarks/fsdp_rss.py [--nproc 2] [--saved-dtype bf16] [--out benchmarks/fsdp-rss.json]
 
-It saves a random model of about 340 MB (float32; the tiny preset's structure with a 16,384-token vocabulary,
-hidden size 1,024 and 4 decoder layers) in the official format to a temporary folder, then starts ``torchrun
+It saves a random model of 329 MiB in float32 (the tiny preset's structure with a 16,384-token vocabulary, hidden
+size 1,024 and 4 decoder layers) in the official format to a temporary folder, in bfloat16 like the released
+weights unless ``--saved-dtype fp32``; every rank loads it as float32 master weights, as full fine-tuning does.
+Then it starts ``torchrun
 --standalone`` (gloo, CPU) once per mode. Each rank reports its peak RSS (``ru_maxrss``) after the imports and
 after loading and sharding, and its bytes of parameter shards.
 
@@ -91,6 +93,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--out", default=None, help="write the results as json here too")
+    parser.add_argument("--saved-dtype", choices=("bf16", "fp32"), default="bf16",
+                        help="dtype of the saved checkpoint (default bf16, as the released weights); it is loaded as "
+                             "fp32 master weights either way")  # fmt: skip
     parser.add_argument("--worker", nargs=3, metavar=("MODE", "FOLDER", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -101,10 +106,11 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         model = build_model(_config(), dtype=torch.float32, seed=0)
-        model.save_pretrained(tmp)
-        size = sum(p.numel() * p.element_size() for p in model.parameters())
+        size = sum(p.numel() * p.element_size() for p in model.parameters())  # fp32, as every mode loads it
+        model.to({"bf16": torch.bfloat16, "fp32": torch.float32}[args.saved_dtype]).save_pretrained(tmp)
         del model
         results["param_mib"] = round(size / 2**20, 1)
+        results["saved_dtype"] = args.saved_dtype
         for mode in ("whole", "rank0"):
             out = Path(tmp) / f"{mode}.json"
             command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
