@@ -169,18 +169,24 @@ def real_vocabulary_model(tmp_path_factory):
     return out
 
 
-def test_phi3v_generate_system_puts_the_official_system_turn_in_the_prompt(real_vocabulary_model, tmp_path,
-                                                                          monkeypatch):  # fmt: skip
+@pytest.fixture
+def prompts(monkeypatch):
+    """The prompt ids of every ``generate`` call, in order."""
     from phi3v import Phi3VForCausalLM
-    from phi3v.cli import main
 
-    prompts, original = [], Phi3VForCausalLM.generate
+    seen, original = [], Phi3VForCausalLM.generate
 
     def recording(self, *args, **kwargs):
-        prompts.append(kwargs["input_ids"][0].tolist())
+        seen.append(kwargs["input_ids"][0].tolist())
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(Phi3VForCausalLM, "generate", recording)
+    return seen
+
+
+def test_phi3v_generate_system_puts_the_official_system_turn_in_the_prompt(real_vocabulary_model, tmp_path, prompts):
+    from phi3v.cli import main
+
     _image((400, 300)).save(tmp_path / "a.png")
     args = ["generate", "--model", str(real_vocabulary_model), "--image", str(tmp_path / "a.png"), "--no-stream",
             "--max-new-tokens", "1"]  # fmt: skip
@@ -219,17 +225,9 @@ def test_an_openai_system_message_is_served_as_the_official_system_turn(processo
 
 
 def test_phi3v_eval_system_is_the_default_and_a_record_s_own_wins(real_vocabulary_model, system_file, tmp_path,
-                                                                 monkeypatch):  # fmt: skip
-    from phi3v import Phi3VForCausalLM
+                                                                 prompts):  # fmt: skip
     from phi3v.cli import main
 
-    prompts, original = [], Phi3VForCausalLM.generate
-
-    def recording(self, *args, **kwargs):
-        prompts.append(kwargs["input_ids"][0].tolist())
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(Phi3VForCausalLM, "generate", recording)
     args = ["eval", "--model", str(real_vocabulary_model), "--data", str(system_file), "--image-root",
             str(system_file.parent), "--task", "generic", "--batch-size", "1", "--max-new-tokens", "1"]  # fmt: skip
     assert main([*args, "--out", str(tmp_path / "flag"), "--system", "Flag text."]) == 0
