@@ -409,3 +409,29 @@ def test_validation_samples_follow_the_length_policy_as_phi3v_eval_applies_it(di
         assert (summary["val_dropped"], summary["val_truncated"]) == (dropped, truncated)
         lines = (run / "eval" / "training" / "predictions.jsonl").read_text().splitlines()
         assert len(lines) == evaluated
+
+
+@pytest.mark.parametrize("strategy", ["full", "lora"])
+def test_training_steps_run_in_train_mode_so_checkpointing_recomputes(digits, tmp_path, monkeypatch, strategy):
+    """Loaders return eval-mode models, and transformers checkpoints a layer only in train mode: every training
+    forward of a decoder layer must be in train mode and, with checkpointing, start twice (the forward, then the
+    recompute in backward), also after an evaluation has put the model in eval mode and back."""
+    import phi3v.train.loop as loop
+
+    calls = []  # (training, grad enabled) at each start of decoder layer 0's MLP (inside the checkpointed forward)
+    original = loop.apply_strategy
+
+    def recording(model, config):
+        layer = model.model.layers[0].mlp
+        layer.register_forward_pre_hook(lambda module, args: calls.append((module.training, torch.is_grad_enabled())))
+        return original(model, config)
+
+    monkeypatch.setattr(loop, "apply_strategy", recording)
+    config = tiny_config(digits, tmp_path, strategy=strategy, max_steps=4, gradient_checkpointing=True,
+                         val_data=str(digits / "digits_val.jsonl"), eval_every=2, eval_max_samples=2)  # fmt: skip
+    train(config)
+    training = [c for c in calls if c[0]]
+    evaluating = [c for c in calls if not c[0]]
+    assert evaluating and not any(grad for _, grad in evaluating)  # the evaluations: eval mode, no grad
+    # 4 steps x 2 micro-batches (global 8, 4 per device), each layer forward started twice: forward + recompute
+    assert training == [(True, True)] * (4 * 2 * 2)

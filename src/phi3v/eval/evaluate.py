@@ -93,8 +93,16 @@ def evaluate(
     Under FSDP2 (sharded forward passes, collective) every rank answers as many prompts as the busiest one, so in as
     many batches: its list is padded with copies of a prompt, whose answers are dropped.
     """
-    was_training = model.training
+    modes = [(module, module.training) for module in model.modules()]  # each module's own, given back after
     model.eval()
+    try:
+        return _evaluate(model, processor, dataset, task, batch_size, max_new_tokens, max_samples, labels)
+    finally:
+        for module, training in modes:
+            module.train(training)
+
+
+def _evaluate(model, processor, dataset, task, batch_size, max_new_tokens, max_samples, labels) -> Evaluation:
     indices = list(range(len(dataset)))[:max_samples]
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     mine = indices[rank::world]
@@ -137,8 +145,6 @@ def evaluate(
     by_source = {}
     if len(sources) > 1:
         by_source = {s: _score(task, [p for p in predictions if p["source"] == s]) for s in sources}
-    if was_training:
-        model.train()
     return Evaluation(metrics, predictions, by_source)
 
 

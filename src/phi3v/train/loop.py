@@ -219,7 +219,8 @@ def train(config: TrainConfig) -> dict:
     fsdp2 = config.resolved_engine == "fsdp2"
     # FSDP2: rank 0 reads the weights, the others build on the meta device and receive their shards
     model, processor = load_model_and_processor(config, accelerator.device, meta=fsdp2 and not main)
-    model = apply_strategy(model, config)
+    # Loaders return models in eval mode; transformers checkpoints a layer, and dropout drops, only in train mode.
+    model = apply_strategy(model, config).train()
     if config.gradient_checkpointing:
         without_adapters(model).enable_activation_checkpointing(every_n_layers=config.checkpoint_every)
     if config.compile:
