@@ -159,3 +159,27 @@ def test_tiny_tokenizer_round_trips_through_its_files(tmp_path):
     for loaded in (load_tokenizer(tmp_path), AutoTokenizer.from_pretrained(tmp_path)):
         assert loaded.chat_template == CHAT_TEMPLATE
         assert loaded("<|user|>\nHi there ü").input_ids == ids
+
+
+def test_the_processor_tokenises_as_transformers_does_even_after_a_truncating_call(real):
+    """The processor reads ids from the fast tokenizer's backend; they must be transformers' own, also when a
+    caller's truncating or padding call left the backend configured."""
+    from phi3v.processing import Phi3VImageProcessor, Phi3VProcessor
+
+    processor = Phi3VProcessor(Phi3VImageProcessor(num_crops=1), real)
+    text = PROBES[0]
+    whole = real(text).input_ids
+    for probe in PROBES:
+        for flag in (True, False):
+            assert processor._tokenize(probe, flag) == real(probe, add_special_tokens=flag).input_ids
+    real._tokenizer.enable_truncation(max_length=4)  # left by a caller, or a tokenizer.json's truncation block
+    try:
+        assert processor._tokenize(text, True) == real(text).input_ids == whole  # transformers' call resets it
+    finally:
+        real._tokenizer.no_truncation()
+    real._tokenizer.enable_padding(length=20, pad_id=32000, pad_token="<|endoftext|>")
+    try:
+        assert processor._tokenize(text, True) == real(text).input_ids
+    finally:
+        real._tokenizer.no_padding()
+    assert processor._tokenize(text, True) == whole
