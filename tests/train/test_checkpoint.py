@@ -33,3 +33,32 @@ def test_nested_state_round_trips_through_safetensors_and_json(tmp_path):
 def test_objects_that_would_need_pickle_are_refused():
     with pytest.raises(TypeError, match=r"/scaler: a object cannot be stored without pickle"):
         flatten({"scaler": object()})
+
+
+def test_a_checkpoint_moved_aside_by_a_killed_resave_is_put_back(tmp_path):
+    from phi3v.train.checkpoint import remove_staging
+
+    root = tmp_path / "checkpoints"
+    (root / ".old-step-0000003").mkdir(parents=True)  # killed between moving step 3 aside and renaming the new one
+    (root / ".old-step-0000003" / "trainer_state.json").write_text("{}")
+    (root / ".tmp-step-0000003").mkdir()  # the new one, never finished
+    (root / ".old-step-0000005").mkdir()  # killed after the new step 5 was in place
+    (root / "step-0000005").mkdir()
+    remove_staging(tmp_path)
+    assert sorted(p.name for p in root.iterdir()) == ["step-0000003", "step-0000005"]
+    assert (root / "step-0000003" / "trainer_state.json").read_text() == "{}"
+
+
+def test_resuming_a_zero2_checkpoint_on_another_engine_names_both(digits, tmp_path):
+    from phi3v.train.checkpoint import CheckpointError, checkpoint_dir, write_manifest
+    from phi3v.train.loop import train
+    from tests.train.conftest import tiny_config
+
+    settings = dict(max_steps=4, save_every=2, keep_last=3)
+    train(tiny_config(digits, tmp_path, **settings))
+    folder = checkpoint_dir(tmp_path / "run", 2)
+    save_file({"x": torch.zeros(1)}, folder / "zero-rank0.safetensors")  # as DeepSpeed's partition would be
+    (folder / "manifest.json").unlink()
+    write_manifest(folder)
+    with pytest.raises(CheckpointError, match=r"written with engine deepspeed_zero2 .*this run's engine is ddp"):
+        train(tiny_config(digits, tmp_path, resume=str(folder), **settings))

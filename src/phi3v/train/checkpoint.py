@@ -269,9 +269,13 @@ class Checkpointer:
             barrier()
             if main:
                 write_manifest(staging)
+                # A checkpoint of the same step is replaced only once the new one is whole: moved aside first
+                # (``remove_staging`` puts it back if the process dies before the new one is in place).
+                old = final.parent / f".old-{final.name}"
                 if final.exists():
-                    shutil.rmtree(final)
+                    os.replace(final, old)
                 os.replace(staging, final)
+                shutil.rmtree(old, ignore_errors=True)
         except BaseException:  # Ctrl-C or a failed write: no half-written folder stays behind
             if main:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -299,7 +303,8 @@ class Checkpointer:
             if not main:
                 return None, None, None
             groups = [{**g, "params": [self.names.index(p) for p in g["params"]]} for g in moments["param_groups"]]
-            return _cpu(weights), split_moments(moments["state"], groups, self.names), None
+            # cpu_offload gave fresh CPU tensors: kept as they are, not copied a second time
+            return _cpu(weights, copy=False), split_moments(moments["state"], groups, self.names, copy=False), None
         partition = None
         if self.engine == "deepspeed_zero2":  # the moments live in each process's partition
             partition = zero_partition_state(self.optimizer)
@@ -318,7 +323,8 @@ class Checkpointer:
         them. The RNG state goes in last, so nothing after this call may draw from the RNGs before the step.
 
         Args:
-            folder: A checkpoint folder (verified here again).
+            folder: A checkpoint folder that passed ``verify`` (``find_resumable`` or the loop's explicit resume
+                check; not hashed a second time here).
             run: This run's settings that the checkpoint must have been written with (``TrainerState.run``).
 
         Returns:
@@ -326,24 +332,32 @@ class Checkpointer:
 
         Raises:
             CheckpointError: when the settings, the trainable parameters, the optimizer's parameters or (DeepSpeed)
-                the number of processes differ from the checkpoint's, or this rank's RNG file is missing.
+                the number of processes differ from the checkpoint's, an RNG file of this run's ranks is missing,
+                or the checkpoint was written by an engine whose optimizer state this one cannot read. Every
+                rank raises the same error, before any collective.
         """
-        verify(folder)
         saved = TrainerState.from_json(folder / "trainer_state.json")
         changed = {k: (saved.run.get(k), v) for k, v in run.items() if saved.run.get(k) != v}
         if changed:
             listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
             raise CheckpointError(f"{folder} was written by a run with other settings ({listed}); resume with "
                                   "the same settings or start a new output_dir")  # fmt: skip
-        rng_file = folder / f"rng-rank{self.rank}.safetensors"
-        if not rng_file.exists():
-            raise CheckpointError(f"{rng_file}: missing; resume with the same number of processes as the run "
-                                  f"({saved.world_size}, not {self.world})")  # fmt: skip
+        zero = (folder / "zero-rank0.safetensors").exists()
+        if zero != (self.engine == "deepspeed_zero2"):
+            written = "deepspeed_zero2 (optimizer state in per-process partitions)" if zero else "ddp or fsdp2"
+            raise CheckpointError(f"{folder}: written with engine {written}; this run's engine is {self.engine}: "
+                                  "resume with the engine that wrote it")  # fmt: skip
         if self.engine == "deepspeed_zero2" and saved.world_size != self.world:
             raise CheckpointError(
                 f"{folder}: written by {saved.world_size} processes; DeepSpeed's ZeRO partitions the optimizer "
                 f"state by process, so resume with {saved.world_size}, not {self.world}"
             )
+        # Checked for every rank on every rank (files, not collectives), so that all ranks raise together.
+        missing = [r for r in range(self.world) if not (folder / f"rng-rank{r}.safetensors").exists()]
+        if missing:
+            raise CheckpointError(f"{folder}: no RNG state for rank(s) {missing}; resume with the same number of "
+                                  f"processes as the run ({saved.world_size}, not {self.world})")  # fmt: skip
+        rng_file = folder / f"rng-rank{self.rank}.safetensors"
         trainable_names = {n for n, p in self.unwrapped.named_parameters() if p.requires_grad}
         if self.engine == "fsdp2":
             self._load_fsdp2(folder, trainable_names)
@@ -377,9 +391,9 @@ class Checkpointer:
 
         weights, moments, problem = {}, {}, [None]
         if self.rank == 0:
-            weights = load_file(folder / "trainable.safetensors")
-            tensors, meta = _read_pair(folder / "optimizer")
             try:
+                weights = load_file(folder / "trainable.safetensors")
+                tensors, meta = _read_pair(folder / "optimizer")
                 moments = {
                     "state": join_moments(tensors, meta, self.names),
                     "param_groups": [{**g, "params": [self.names[i] for i in g["params"]]}
@@ -388,6 +402,8 @@ class Checkpointer:
                 problem = [self._trainable_problem(folder, set(weights), trainable_names)]
             except CheckpointError as err:
                 problem = [str(err)]
+            except Exception as err:  # any unreadable file: the other ranks must not wait in the broadcast
+                problem = [f"{folder}: cannot read ({type(err).__name__}: {err})"]
         # rank 0's checks, shared, so that every rank raises the same error rather than waiting in the broadcast
         dist.broadcast_object_list(problem, src=0)
         if problem[0]:
@@ -406,8 +422,10 @@ class Checkpointer:
             raise CheckpointError(problem)
 
 
-def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+def _cpu(tensors: dict[str, torch.Tensor], copy: bool = True) -> dict[str, torch.Tensor]:
+    """CPU copies of live tensors; ``copy=False`` for tensors that already are fresh CPU copies (FSDP2's offloaded
+    state dicts: a second copy would double rank 0's host memory while saving)."""
+    return {k: v.detach().to("cpu", copy=copy).contiguous() for k, v in tensors.items()}
 
 
 def _write_pair(folder: Path, stem: str, tensors: dict[str, torch.Tensor], meta: Any) -> None:
@@ -429,13 +447,16 @@ def optimizer_state(optimizer: torch.optim.Optimizer, names: list[str]) -> tuple
     return split_moments({names[i]: values for i, values in state["state"].items()}, state["param_groups"], names)
 
 
-def split_moments(by_name: dict[str, dict], param_groups: list[dict], names: list[str]) -> tuple[dict, dict]:
-    """Per-parameter optimizer state (name -> {key: value}) as (tensors ``{name}/{key}``, json meta)."""
+def split_moments(
+    by_name: dict[str, dict], param_groups: list[dict], names: list[str], copy: bool = True
+) -> tuple[dict, dict]:
+    """Per-parameter optimizer state (name -> {key: value}) as (tensors ``{name}/{key}``, json meta); tensors are
+    copied to the CPU unless ``copy`` is false (already fresh CPU copies)."""
     tensors, scalars = {}, {}
     for name, values in by_name.items():
         for key, value in values.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{name}/{key}"] = value.detach().to("cpu", copy=True).contiguous()
+                tensors[f"{name}/{key}"] = value.detach().to("cpu", copy=copy).contiguous()
             else:
                 scalars[f"{name}/{key}"] = value
     return tensors, {"param_groups": param_groups, "scalars": scalars, "names": names}
@@ -562,10 +583,17 @@ def prune(run_dir: str | os.PathLike, keep_last: int, keep: set[Path]) -> None:
 
 
 def remove_staging(run_dir: str | os.PathLike) -> None:
-    """Delete ``.tmp-step-*`` folders a killed save left behind (never a checkpoint: those are renamed in whole)."""
+    """Clean up after a killed save: delete ``.tmp-step-*`` folders (never a checkpoint: those are renamed in
+    whole), and put a checkpoint moved aside as ``.old-step-*`` back when its replacement never arrived."""
     root = Path(run_dir) / "checkpoints"
     for folder in root.glob(".tmp-step-*") if root.is_dir() else []:
         shutil.rmtree(folder, ignore_errors=True)
+    for old in root.glob(".old-step-*") if root.is_dir() else []:
+        final = old.with_name(old.name.removeprefix(".old-"))
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, final)
 
 
 def set_aside_newer(run_dir: str | os.PathLike, step: int) -> None:
