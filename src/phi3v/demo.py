@@ -32,7 +32,8 @@ class DemoSettings:
 
     scans: int | None = None  # all 1,797
     # One pass over a mix in which each digit and each clip comes 8 times, and each pair once: the comparison
-    # task learns from 16 distinct pairs per scan instead of seeing 2 pairs 8 times (which it memorises).
+    # task learns from 16 pairs per scan, each with a partner drawn at random (about 98 % of them distinct),
+    # instead of seeing 2 pairs 8 times (which it memorises).
     pairs_per_scan: int = 16
     eval_pairs_per_scan: int = 2  # val and test pairs: 538 of each on the full demo
     repeats: dict[str, int] = field(default_factory=lambda: {"digits": 8, "digits_pair": 1, "digits_video": 8})

@@ -9,8 +9,9 @@ loaded. Saving and restoring the training state is ``checkpoint.Checkpointer``'s
   ourselves rather than through Accelerate's plugin, whose class-name wrap policy and loading path would hide the
   units, their order, ``reshard_after_forward`` and the rank-0 load behind settings; written out, they read as
   torchtitan's ``apply_fsdp``. Accelerate still forms the process group and runs backward, gradient accumulation
-  (``set_requires_gradient_sync``) and clipping; its ``prepare`` leaves a module that is already an
-  ``FSDPModule`` as it is.
+  (``set_requires_gradient_sync``) and clipping. The loop hands Accelerate only the optimizer
+  (``prepare_optimizer``): its ``prepare(model, optimizer)`` re-points the optimizer by data pointer, which the
+  empty shards of small tensors break.
 
 Notation: ``N`` processes, ``P`` bytes of the whole model's parameters.
 """
@@ -136,14 +137,17 @@ def shard_fsdp2(model: nn.Module, precision: str, device: torch.device) -> nn.Mo
     device (shapes only). Rank 0 keeps its weights as a state dict [P bytes of host memory], every rank turns its
     model into meta tensors, shards it, allocates its own shards on ``device`` [P / N bytes each], and
     ``set_model_state_dict(..., broadcast_from_rank0=True)`` sends each whole tensor from rank 0 to the others, which
-    keep their shard of it. Host memory is therefore P on rank 0 and P / N elsewhere, instead of P on every rank.
+    keep their shard of it. Host memory is therefore about P on rank 0 and P / N elsewhere (plus a receive buffer
+    of one whole tensor at a time and allocator slack: measured 160-200 MiB for 82 MiB of shards, RESULTS.md),
+    instead of P on every rank.
 
     Sharding units, in order (torchtitan's order: children before the root):
 
     * each decoder layer ``model.layers[i]``;
     * the CLIP tower (``vision_embed_tokens.img_processor``) as one unit. Its layers are small (CLIP-L: 12.6M
       parameters each against 113M per decoder layer) and run back to back once per step, so one all-gather of the
-      tower is cheaper than 23 small ones and still frees it after the image encoding. (It is its own unit, apart
+      tower is expected to cost less than 23 small ones (not measured: no GPU yet) and still frees it after the
+      image encoding. (It is its own unit, apart
       from the root, so that text-only steps and generation's decode steps need not gather it at all; see
       ``Phi3VModel.embed`` for how ranks agree on running it.)
     * the root (``model`` itself, the PEFT wrapper for LoRA): embeddings, final norm, output head, projector and
