@@ -145,8 +145,8 @@ def _init_distributed(args: argparse.Namespace) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from phi3v.data.dataset import JsonlDataset
-    from phi3v.eval.evaluate import apply_length_policy, evaluate, write_evaluation
+    from phi3v.data.dataset import JsonlDataset, apply_length_policy
+    from phi3v.eval.evaluate import evaluate, write_evaluation
     from phi3v.tasks import get_task
 
     if args.on_overflow is not None and args.max_length is None:

@@ -266,3 +266,36 @@ class JsonlDataset(Dataset):
             )
         except ValueError as err:  # TruncationError, tag problems
             raise DataError(f"{self.path}:{record.line} (id {record.id}): {err}") from err
+
+
+def apply_length_policy(
+    dataset: JsonlDataset,
+    processor: Phi3VProcessor,
+    max_length: int,
+    on_overflow: OnOverflow = "error",
+    skip_bad_images: bool = False,
+    workers: int = 4,
+) -> dict[str, int | str]:
+    """Training's length policy applied to evaluation samples (``phi3v eval --max-length``, and ``val_data`` during
+    training): ``JsonlDataset.screen`` on the sample as it trains, prompt and answer, so ``max_length`` means what it
+    means for ``train`` and ``data check``.
+
+    ``error`` stops naming file, line and id; ``drop`` removes the sample. ``truncate`` keeps a sample whose prompt
+    (the conversation up to the last turn's answer) fits in ``max_length``: it is evaluated with that whole prompt,
+    as only its reference answer runs past ``max_length``, and counted as truncated. A prompt is never cut: one that
+    does not fit stops the evaluation, naming file, line and id.
+
+    Returns:
+        ``{"max_length", "on_overflow", "dropped", "truncated", "bad_images"}`` (``bad_images``: samples removed
+        for a missing or undecodable image, with ``skip_bad_images``; without it such a sample raises).
+
+    Raises:
+        DataError: listing every sample that cannot be evaluated.
+    """
+    dataset.processor, dataset.max_length = processor, max_length
+    try:
+        screened = dataset.screen(on_overflow, skip_bad_images, workers=workers, evaluation=True)
+    finally:
+        dataset.processor = None  # evaluation encodes the prompts itself
+    return {"max_length": max_length, "on_overflow": on_overflow, "dropped": screened.dropped,
+            "truncated": screened.truncated, "bad_images": screened.bad_images}  # fmt: skip

@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from phi3v.adapter_base import write_identity
-from phi3v.data.dataset import JsonlDataset
+from phi3v.data.dataset import JsonlDataset, apply_length_policy
 from phi3v.model import Phi3VConfig, Phi3VForCausalLM, build_model, without_adapters
 from phi3v.model.presets import PRESETS
 from phi3v.processing import Phi3VProcessor
@@ -258,8 +258,6 @@ def train(config: TrainConfig) -> dict:
     val, val_counts = None, None
     if config.val_data:
         # The length policy as `phi3v eval --max-length` applies it; a validation prompt is never cut.
-        from phi3v.eval.evaluate import apply_length_policy
-
         val = JsonlDataset(config.val_data, config.image_root, system=config.system)
         val_counts = apply_length_policy(val, processor, config.max_length, config.on_overflow,
                                          config.skip_bad_images, workers=max(1, config.num_workers))  # fmt: skip
