@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from phi3v.train.engine import is_deepspeed
 from phi3v.utils import atomic_write_text
 
 logger = logging.getLogger("phi3v")
@@ -225,7 +226,7 @@ class Checkpointer:
         self.names, self.keep_last = names, keep_last
         if accelerator.is_fsdp2:
             self.engine = "fsdp2"
-        elif accelerator.distributed_type.name == "DEEPSPEED":
+        elif is_deepspeed(accelerator):
             self.engine = "deepspeed_zero2"
         else:
             self.engine = "ddp"
